@@ -1,0 +1,124 @@
+"""The ``cobra`` console script: one subcommand per stage.
+
+    cobra data synth --users 100000 --out data/synth
+    cobra data sessionize --events data/synth/events --out data/synth/sequences
+    cobra data split --sequences data/synth/sequences --out data/synth/splits/time kind=time
+    cobra data amazon --src ../shared/datasets/amazon-beauty --out data/beauty
+
+Every command takes ``--config FILE.yaml``, ``--flag value`` options generated from its
+config schema, and trailing ``key=value`` overrides. Heavy libraries (ray, deepspeed,
+torch) are imported only by the command that runs, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from cobra_scale.config import cli_fields, load_config
+from cobra_scale.errors import CobraError
+
+
+@dataclass(frozen=True)
+class Command:
+    """A CLI command: its config schema and the function that runs it (both lazy)."""
+
+    schema: str  # "module:Class"
+    runner: str  # "module:function", called with the config object, returns a summary dict
+
+
+# group -> name -> Command. Group None means a top-level command (``cobra ids``).
+COMMANDS: dict[str, dict[str, Command]] = {
+    "data": {
+        "synth": Command("cobra_scale.data.configs:SynthConfig", "cobra_scale.data.synth:run"),
+        "amazon": Command("cobra_scale.data.configs:AmazonConfig", "cobra_scale.data.amazon:run"),
+        "sessionize": Command("cobra_scale.data.configs:SessionizeConfig", "cobra_scale.data.sessionize:run"),
+        "split": Command("cobra_scale.data.configs:SplitConfig", "cobra_scale.data.split:run"),
+        "validate": Command("cobra_scale.data.configs:ValidateConfig", "cobra_scale.data.validate:run"),
+    },
+}
+
+
+def _load(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _add_command(sub: argparse._SubParsersAction, name: str, command: Command) -> None:
+    schema = _load(command.schema)
+    doc = (schema.__doc__ or "").strip()
+    p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc)
+    p.add_argument("--config", "-c", metavar="YAML", help="config file (OmegaConf YAML) merged over the defaults")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    for field_name, tp, default, help_text in cli_fields(schema):
+        flag = "--" + field_name.replace("_", "-")
+        suffix = f" (default: {default})" if default is not None else ""
+        if tp is bool:
+            p.add_argument(flag, dest=field_name, action=argparse.BooleanOptionalAction, default=None, help=help_text + suffix)
+        else:
+            p.add_argument(flag, dest=field_name, type=tp, default=None, metavar=field_name.upper(), help=help_text + suffix)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last (e.g. event_types=[click,conversion])")
+    p.set_defaults(_command=command, _fields=[f[0] for f in cli_fields(schema)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cobra",
+        description="cobra_scale: train and serve COBRA generative recommenders at scale.",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND")
+    for group, commands in COMMANDS.items():
+        gp = groups.add_parser(group, help=f"{group} stage commands", description=f"cobra {group} ...")
+        sub = gp.add_subparsers(dest="command", metavar="SUBCOMMAND")
+        for name, command in commands.items():
+            _add_command(sub, name, command)
+        gp.set_defaults(_group_parser=gp)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if getattr(args, "_command", None) is None:
+        (getattr(args, "_group_parser", None) or parser).print_help()
+        return 2
+    command: Command = args._command
+    try:
+        schema = _load(command.schema)
+        flags = {name: getattr(args, name) for name in args._fields}
+        config = load_config(schema, args.config, overrides=flags, dotlist=args.overrides)
+        if args.print_config:
+            from cobra_scale.config import to_yaml
+
+            print(to_yaml(config), end="")
+            return 0
+        runner: Callable[[Any], dict | None] = _load(command.runner)
+        start = time.perf_counter()
+        summary = runner(config)
+        elapsed = time.perf_counter() - start
+    except CobraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if summary:
+        for key, value in summary.items():
+            print(f"{key}: {value}")
+    print(f"done in {elapsed:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
