@@ -71,6 +71,8 @@ def load_config(
         try:
             loaded = OmegaConf.load(path)
         except Exception as exc:  # yaml.YAMLError and friends
+            if "Invalid loaded object type" in str(exc):
+                raise ConfigError(f"config {path} must be a mapping of keys to values") from exc
             raise ConfigError(f"cannot parse config {path}: {_one_line(exc)}") from exc
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"config {path} must be a mapping of keys to values")

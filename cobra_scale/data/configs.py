@@ -95,13 +95,11 @@ class SplitConfig:
     max_history: int = field(20, help="histories are truncated to the last N items")
     test_day: Optional[str] = field(None, help="time split: the test day (default: the last day present)")
     valid_day: Optional[str] = field(None, help="time split: the validation day (default: the day before test_day)")
-    shards: int = field(0, help="output shards per split; 0 = same as input")
 
     def __post_init__(self) -> None:
         if self.kind not in ("loo", "time"):
             raise ConfigError(f"kind must be 'loo' or 'time', got '{self.kind}'")
         _positive("max_history", self.max_history)
-        _positive("shards", self.shards, allow_zero=True)
         _date("test_day", self.test_day)
         _date("valid_day", self.valid_day)
 

@@ -1,0 +1,36 @@
+"""The console script: help without heavy imports, one-line errors, resolved configs."""
+
+import subprocess
+import sys
+
+from cobra_scale.cli import main
+
+
+def test_help_does_not_import_ray_torch_or_deepspeed():
+    code = (
+        "import sys\n"
+        "from cobra_scale.cli import main\n"
+        "try:\n    main(['data', 'synth', '--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('ray', 'deepspeed', 'torch', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "data" in capsys.readouterr().out
+
+
+def test_user_error_is_one_line_exit_2(capsys, tmp_path):
+    rc = main(["data", "split", "--sequences", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_print_config(capsys):
+    assert main(["data", "split", "--sequences", "s", "--out", "o", "--print-config", "kind=time"]) == 0
+    out = capsys.readouterr().out
+    assert "kind: time" in out and "max_history: 20" in out
