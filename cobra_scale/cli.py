@@ -33,13 +33,16 @@ class Command:
 
 
 # group -> name -> Command. Group None means a top-level command (``cobra ids``).
-COMMANDS: dict[str, dict[str, Command]] = {
+COMMANDS: dict[str | None, dict[str, Command]] = {
     "data": {
         "synth": Command("cobra_scale.data.configs:SynthConfig", "cobra_scale.data.synth:run"),
         "amazon": Command("cobra_scale.data.configs:AmazonConfig", "cobra_scale.data.amazon:run"),
         "sessionize": Command("cobra_scale.data.configs:SessionizeConfig", "cobra_scale.data.sessionize:run"),
         "split": Command("cobra_scale.data.configs:SplitConfig", "cobra_scale.data.split:run"),
         "validate": Command("cobra_scale.data.configs:ValidateConfig", "cobra_scale.data.validate:run"),
+    },
+    None: {
+        "ids": Command("cobra_scale.semantic_ids.configs:IdsConfig", "cobra_scale.semantic_ids.assign:run"),
     },
 }
 
@@ -73,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND")
+    for name, command in COMMANDS.get(None, {}).items():
+        _add_command(groups, name, command)
     for group, commands in COMMANDS.items():
+        if group is None:
+            continue
         gp = groups.add_parser(group, help=f"{group} stage commands", description=f"cobra {group} ...")
         sub = gp.add_subparsers(dest="command", metavar="SUBCOMMAND")
         for name, command in commands.items():

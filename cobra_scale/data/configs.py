@@ -43,6 +43,7 @@ class SynthConfig:
     p_drift: float = field(0.03, help="per-event probability that a user's interests drift to a new topic")
     conversion_rate: float = field(0.06, help="base probability that a click converts")
     chunk_users: int = field(50_000, help="users generated at once (bounds memory)")
+    overwrite: bool = field(False, help="replace the events of an earlier run in --out")
 
     def __post_init__(self) -> None:
         for name in ("users", "items", "days", "chunk_users"):
@@ -125,7 +126,11 @@ class ValidateConfig:
     path: str = field(help="Parquet file or folder")
     table: str = field("events", help="which format: events | items | sequences | examples")
     items: Optional[str] = field(None, help="catalogue to check item ids against")
+    strict: bool = field(False, help="fail (exit 2) on any row-level problem instead of only counting it")
+    report: Optional[str] = field(None, help="also write the report as JSON to this file")
+    workers: int = field(0, help="parallel processes (events only); 0 = number of CPUs")
 
     def __post_init__(self) -> None:
         if self.table not in ("events", "items", "sequences", "examples"):
             raise ConfigError(f"table must be events|items|sequences|examples, got '{self.table}'")
+        _positive("workers", self.workers, allow_zero=True)
