@@ -97,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for noisy in ("faiss.loader", "matplotlib", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if getattr(args, "_command", None) is None:
         (getattr(args, "_group_parser", None) or parser).print_help()
         return 2

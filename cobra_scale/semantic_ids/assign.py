@@ -174,7 +174,6 @@ def run(cfg: IdsConfig) -> dict:
     from cobra_scale.semantic_ids.embed import embed_items
 
     out = Path(cfg.out)
-    items = load_items(cfg.items)
     timings: dict[str, float] = {}
     if cfg.quantizer_dir:
         quantizer, embed_cfg = Quantizer.load(cfg.quantizer_dir)
@@ -182,6 +181,7 @@ def run(cfg: IdsConfig) -> dict:
         embed_cfg.backend, embed_cfg.batch_size, embed_cfg.device = cfg.embed.backend, cfg.embed.batch_size, cfg.embed.device
     else:
         quantizer, embed_cfg = None, cfg.embed
+    items = load_items(cfg.items)
     t0 = time.perf_counter()
     cache = Path(embed_cfg.cache) if embed_cfg.cache else out / "embeddings.safetensors"
     item_ids, vectors = embed_items(items, embed_cfg, cache)

@@ -50,7 +50,7 @@ class QuantizerConfig:
     beta: float = field(0.25, help="rqvae: commitment loss weight")
     dead_code_steps: int = field(50, help="rqvae: re-seed codes unused over this many steps (0 = never)")
     kmeans_iters: int = field(25, help="k-means iterations (rkmeans levels and rqvae init)")
-    balance: bool = field(True, help="rkmeans: size-capped assignment at the last level so no ID becomes a giant bucket")
+    balance: bool = field(True, help="rkmeans: fit centroids under a size-capped assignment (spreads codes, avoids giant buckets)")
     seed: int = field(0, help="random seed")
     device: str = field("auto", help="'auto' (cuda if present), 'cpu' or 'cuda'")
 

@@ -1,9 +1,11 @@
 """Residual k-means: L levels of faiss k-means on successive residuals (no training loop).
 
 Fast and robust: level l clusters the residuals left by levels < l. With ``balance`` the
-assignment of every level is size-capped (each code takes at most ``ceil(n / K * slack)``
-items, the rest go to their next-nearest code), which keeps the full-ID buckets from
-collapsing into a few giant ones.
+centroids are fitted under a size-capped assignment (each code takes at most
+``ceil(n / K * slack)`` items while fitting, the rest go to their next-nearest code), which
+spreads the centroids over dense regions and keeps buckets from becoming giant. Items are
+then always encoded greedily (nearest centroid per level), so a new item whose embedding
+equals a training item's gets exactly that item's ID: fitting and cold start agree.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class ResidualKMeans:
         return self
 
     def encode(self, vectors: np.ndarray) -> np.ndarray:
-        """Codes (N, L) int64 by greedy nearest centroid per level (uncapped: used for new items)."""
+        """Codes (N, L) int64 by greedy nearest centroid per level (training and new items alike)."""
         assert self.centroids is not None, "fit first"
         residual = np.ascontiguousarray(vectors, dtype=np.float32)
         codes = np.zeros((len(residual), self.levels), dtype=np.int64)
@@ -94,16 +96,8 @@ class ResidualKMeans:
         return codes
 
     def fit_encode(self, vectors: np.ndarray) -> np.ndarray:
-        """Fit, then the codes of the training items (capped when ``balance``)."""
-        self.fit(vectors)
-        if not self.balance:
-            return self.encode(vectors)
-        residual = np.ascontiguousarray(vectors, dtype=np.float32)
-        codes = np.zeros((len(residual), self.levels), dtype=np.int64)
-        for level in range(self.levels):
-            codes[:, level] = capped_assign(residual, self.centroids[level])
-            residual = residual - self.centroids[level][codes[:, level]]
-        return codes
+        """Fit, then the (greedy) codes of the training items."""
+        return self.fit(vectors).encode(vectors)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         assert self.centroids is not None

@@ -2,6 +2,9 @@
 
 Pure torch (no ray / deepspeed). The maths, per item embedding ``x`` (D,):
 
+    x   = (x_raw - mean) / scale            standardised: unit-norm sentence vectors have tiny
+                                            per-dimension values, and an unscaled reconstruction
+                                            loss lets the latent collapse onto the codebooks
     z   = encoder(x)                        (d,)
     r_0 = z;  c_l = argmin_k ||r_l - C_l[k]||;  r_{l+1} = r_l - C_l[c_l]
     z_q = sum_l C_l[c_l]                     straight-through: z + (z_q - z).detach()
@@ -128,23 +131,29 @@ class RQVAE(nn.Module):
         self.encoder = mlp([input_dim, *self.hidden_dims, latent_dim])
         self.quantizer = ResidualQuantizer(levels, codes, latent_dim)
         self.decoder = mlp([latent_dim, *reversed(self.hidden_dims), input_dim])
+        self.register_buffer("input_mean", torch.zeros(input_dim))  # set by fit_rqvae
+        self.register_buffer("input_scale", torch.ones(()))  # one scalar: keeps the geometry
 
-    def forward(self, x: torch.Tensor, beta: float = 0.25):
-        """``x`` (n, D) -> ``(x_hat (n, D), codes (n, L), recon_loss, quant_loss, residuals)``."""
+    def standardise(self, x_raw: torch.Tensor) -> torch.Tensor:
+        return (x_raw - self.input_mean) / self.input_scale
+
+    def forward(self, x_raw: torch.Tensor, beta: float = 0.25):
+        """``x_raw`` (n, D) -> ``(x_hat (n, D) standardised, codes (n, L), recon_loss, quant_loss, residuals)``."""
+        x = self.standardise(x_raw)
         z = self.encoder(x)
         z_q, codes, quant_loss, residuals = self.quantizer(z, beta)
         x_hat = self.decoder(z_q)
         return x_hat, codes, F.mse_loss(x_hat, x), quant_loss, residuals
 
     @torch.no_grad()
-    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Codes (n, L) of item embeddings ``x`` (n, D)."""
-        return self.quantizer(self.encoder(x))[1]
+    def encode_codes(self, x_raw: torch.Tensor) -> torch.Tensor:
+        """Codes (n, L) of item embeddings ``x_raw`` (n, D)."""
+        return self.quantizer(self.encoder(self.standardise(x_raw)))[1]
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Reconstructed embeddings (n, D) from codes (n, L)."""
-        return self.decoder(self.quantizer.lookup(codes))
+        """Reconstructed embeddings (n, D), in the input's units, from codes (n, L)."""
+        return self.decoder(self.quantizer.lookup(codes)) * self.input_scale + self.input_mean
 
 
 @dataclass
@@ -179,6 +188,8 @@ def fit_rqvae(
     x_all = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(device)
     n = x_all.shape[0]
     model = RQVAE(x_all.shape[1], list(hidden_dims), latent_dim, levels, codes).to(device)
+    model.input_mean.copy_(x_all.mean(0))
+    model.input_scale.fill_(float((x_all - x_all.mean(0)).pow(2).sum(1).mean().sqrt()) / x_all.shape[1] ** 0.5 + 1e-12)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     batch_size = min(batch_size, n)
     usage = torch.zeros(levels, codes, device=device)  # code hits since the last re-seed check
@@ -191,7 +202,7 @@ def fit_rqvae(
             x = x_all[perm[start : start + batch_size]]
             if not bool(model.quantizer.initialised):
                 with torch.no_grad():
-                    model.quantizer.init_kmeans(model.encoder(x), kmeans_iters, gen)
+                    model.quantizer.init_kmeans(model.encoder(model.standardise(x)), kmeans_iters, gen)
             _, batch_codes, recon, quant, residuals = model(x, beta)
             loss = recon + quant
             opt.zero_grad(set_to_none=True)

@@ -85,8 +85,11 @@ def test_rkmeans_residuals_shrink_and_balance_caps_buckets():
     err1 = ((x - rk.centroids[0][codes[:, 0]]) ** 2).sum()
     err2 = ((x - rk.decode(codes)) ** 2).sum()
     assert err2 < err1 < (x**2).sum()
-    for level in range(2):
-        assert np.bincount(codes[:, level], minlength=8).max() <= int(np.ceil(1000 / 8 * 1.5))
+    balanced = np.bincount(codes[:, 0], minlength=8)
+    plain = np.bincount(ResidualKMeans(levels=2, codes=8, iters=20, seed=0, balance=False).fit_encode(x)[:, 0], minlength=8)
+    assert (balanced > 0).all()
+    assert balanced.max() <= plain.max()
+    assert np.array_equal(codes, rk.encode(x))  # training items are encoded like new items
     again = ResidualKMeans(levels=2, codes=8, iters=20, seed=0, balance=True).fit_encode(x)
     assert np.array_equal(codes, again)
 
