@@ -184,9 +184,11 @@ def run(cfg: IdsConfig) -> dict:
     items = load_items(cfg.items)
     t0 = time.perf_counter()
     cache = Path(embed_cfg.cache) if embed_cfg.cache else out / "embeddings.safetensors"
-    item_ids, vectors = embed_items(items, embed_cfg, cache)
+    item_ids, vectors, n_embedded = embed_items(items, embed_cfg, cache)
     timings["embed_seconds"] = round(time.perf_counter() - t0, 2)
-    timings["items_per_second"] = round(len(item_ids) / max(timings["embed_seconds"], 1e-9), 1)
+    timings["items_embedded"] = n_embedded  # the rest came from the cache
+    if n_embedded:
+        timings["embedded_items_per_second"] = round(n_embedded / max(timings["embed_seconds"], 1e-9), 1)
     qcfg = cfg.quantizer
     if quantizer is None:
         quantizer, codes, recon, fit_report = fit_quantizer(vectors, qcfg)

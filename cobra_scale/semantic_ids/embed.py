@@ -188,11 +188,12 @@ def _embed_ray(texts: list[str], cfg: EmbedConfig) -> np.ndarray:
     return result
 
 
-def embed_items(items: pa.Table, cfg: EmbedConfig, cache_path: Path | None) -> tuple[np.ndarray, np.ndarray]:
+def embed_items(items: pa.Table, cfg: EmbedConfig, cache_path: Path | None) -> tuple[np.ndarray, np.ndarray, int]:
     """Embeddings of every item of an items table.
 
     Returns:
-        ``(item_ids (N,) int64, vectors (N, D) float32)`` in the table's row order.
+        ``(item_ids (N,) int64, vectors (N, D) float32, n_embedded)`` in the table's row
+        order; ``n_embedded`` counts the items that were not in the cache.
     """
     item_ids = np.asarray(items.column("item_id"), dtype=np.int64)
     texts = item_texts(items)
@@ -224,4 +225,4 @@ def embed_items(items: pa.Table, cfg: EmbedConfig, cache_path: Path | None) -> t
     assert vectors is not None
     if not np.isfinite(vectors).all():
         raise DataError("the embedding model produced non-finite vectors")
-    return item_ids, vectors
+    return item_ids, vectors, int(len(todo))

@@ -118,3 +118,23 @@ def test_missing_items_file_error_class():
 
     with pytest.raises(DataError):
         load_items("/nonexistent/items.parquet")
+
+
+def test_cache_reuse_and_changed_text(fitted, tmp_path):
+    import shutil
+
+    from cobra_scale.semantic_ids.configs import EmbedConfig
+    from cobra_scale.semantic_ids.embed import embed_items
+
+    cache = tmp_path / "cache.safetensors"
+    shutil.copy(fitted / "rk" / "embeddings.safetensors", cache)
+    items = catalogue()
+    ids, vectors, n = embed_items(items, EmbedConfig(), cache)
+    assert n == 0 and len(ids) == 40
+    titles = items.column("title").to_pylist()
+    titles[7] = "a completely different garden hose"
+    changed = items.set_column(1, "title", pa.array(titles))
+    _, vectors2, n2 = embed_items(changed, EmbedConfig(), cache)
+    assert n2 == 1
+    np.testing.assert_array_equal(np.delete(vectors2, 7, 0), np.delete(vectors, 7, 0))
+    assert float(vectors2[7] @ vectors[7]) < 0.9
