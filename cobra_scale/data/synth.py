@@ -379,8 +379,16 @@ def generate_chunk(cat: Catalog, cfg: SynthConfig, first_user: int, n: int, rng:
     gap = np.where(new_session, 0, np.ceil(rng.exponential(SESSION_GAP_S, total))).astype(np.int64)
     within = np.cumsum(gap)
     within -= within[new_session][session]
-    ts = np.minimum(start[session] + within, period - 1)
-    ts = np.maximum.accumulate(ts + user_local * period) - user_local * period
+    ts = start[session] + within
+    # strictly increasing per user (at least 1 s apart): the log never holds two identical
+    # events, so `sessionize --strict` accepts our own output
+    span = 2 * period + int(step.max(initial=0)) + 1  # keeps users apart in the running max
+    ts = np.maximum.accumulate(ts - step + user_local * span) - user_local * span + step
+    # the log ends with the period: clicks pushed past it are cut (as a real export would)
+    keep = ts < period
+    if not keep.all():
+        item, main_match, user_local, ts = item[keep], main_match[keep], user_local[keep], ts[keep]
+        total = len(ts)
 
     # --- conversions: a thinned copy of the clicks, shortly after them.
     p = cfg.conversion_rate * cat.conv_factor[item] * np.where(main_match, MAIN_TOPIC_BOOST[1], MAIN_TOPIC_BOOST[0])
