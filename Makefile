@@ -28,12 +28,14 @@ demo: install
 	$(BIN)/cobra data sessionize --events $(DEMO)/raw/events --items $(DEMO)/raw/items.parquet --out $(DEMO)/sequences --shards 2
 	$(BIN)/cobra data split --sequences $(DEMO)/sequences --out $(DEMO)/splits/time kind=time
 	$(BIN)/cobra data split --sequences $(DEMO)/sequences --out $(DEMO)/splits/loo kind=loo
+	$(BIN)/cobra ids --items $(DEMO)/raw/items.parquet --out $(DEMO)/ids quantizer.levels=2 quantizer.codes=32
 	@echo "demo outputs under $(DEMO)/"
 
 # The public benchmark, read from the shared folder (never copied into the project).
 BEAUTY_SRC ?= ../shared/datasets/amazon-beauty
 beauty: install
 	$(BIN)/cobra data amazon --src $(BEAUTY_SRC) --out data/beauty
+	$(BIN)/cobra ids --items data/beauty/items.parquet --out data/beauty/ids
 
 test: install
 	$(BIN)/python -m pytest -q tests
