@@ -52,7 +52,7 @@ def diagnose(codes: np.ndarray, codes_per_level: int, vectors: np.ndarray | None
         "items_per_id": {
             "mean": round(float(bucket_sizes.mean()), 3),
             "median": float(np.median(bucket_sizes)),
-            "p99": float(np.percentile(bucket_sizes, 99)),
+            "p99": round(float(np.percentile(bucket_sizes, 99)), 1),
             "max": int(bucket_sizes.max()),
             "max_share_of_items": round(float(bucket_sizes.max() / n), 5),
         },
