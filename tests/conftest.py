@@ -10,4 +10,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 
-BEAUTY = ROOT.parent / "shared" / "datasets" / "amazon-beauty"
+
+def _find_beauty() -> Path:
+    """The shared Amazon Beauty folder: $COBRA_BEAUTY_DIR, else ../shared next to the checkout."""
+    candidates = [os.environ.get("COBRA_BEAUTY_DIR"), ROOT.parent / "shared" / "datasets" / "amazon-beauty", "/work/shared/datasets/amazon-beauty"]
+    for c in candidates:
+        if c and (Path(c) / "sequences.txt").is_file():
+            return Path(c)
+    return ROOT.parent / "shared" / "datasets" / "amazon-beauty"
+
+
+BEAUTY = _find_beauty()

@@ -98,7 +98,7 @@ def item_text(item: Mapping[str, Any]) -> str:
         parts.append(html.unescape(str(title)).strip().rstrip(".") + ".")
     brand = item.get("brand")
     if brand:
-        parts.append(f"Brand: {brand}.")
+        parts.append(f"Brand: {str(brand).strip().rstrip('.')}.")
     cats = item.get("categories")
     if cats is not None and len(cats) > 0:
         parts.append("Category: " + "; ".join(str(c) for c in cats) + ".")
