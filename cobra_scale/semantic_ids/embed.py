@@ -114,8 +114,13 @@ def _check_texts(item_ids: np.ndarray, texts: list[str]) -> None:
         raise DataError(f"{len(empty)} item(s) have no text to embed (empty title and fields), e.g. item {empty[0]}")
 
 
-def load_cache(path: Path, model_path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """``(item_ids, text_hashes, embeddings)`` from a cache made with ``model_path``, else None."""
+def _cache_key(model_path: str, pooling: str, max_length: int) -> dict[str, str]:
+    return {"model_path": model_path, "pooling": pooling, "max_length": str(max_length)}
+
+
+def load_cache(path: Path, model_path: str, pooling: str = "mean", max_length: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(item_ids, text_hashes, embeddings)`` from a cache made with the same model,
+    pooling and ``max_length``; None otherwise."""
     if not path.is_file():
         return None
     from safetensors import safe_open
@@ -123,8 +128,9 @@ def load_cache(path: Path, model_path: str) -> tuple[np.ndarray, np.ndarray, np.
     try:
         with safe_open(str(path), framework="numpy") as fh:
             meta = fh.metadata() or {}
-            if meta.get("model_path") != model_path:
-                log.info("embedding cache %s was made with another model; recomputing", path)
+            want = _cache_key(model_path, pooling, max_length)
+            if any(meta.get(k, v) != v for k, v in want.items()) or "model_path" not in meta:
+                log.info("embedding cache %s was made with another model or settings; recomputing", path)
                 return None
             return fh.get_tensor("item_ids"), fh.get_tensor("text_hashes"), fh.get_tensor("embeddings")
     except Exception as exc:  # a corrupt cache is rebuilt, not fatal
@@ -132,7 +138,7 @@ def load_cache(path: Path, model_path: str) -> tuple[np.ndarray, np.ndarray, np.
         return None
 
 
-def save_cache(path: Path, item_ids: np.ndarray, hashes: np.ndarray, vectors: np.ndarray, model_path: str) -> None:
+def save_cache(path: Path, item_ids: np.ndarray, hashes: np.ndarray, vectors: np.ndarray, model_path: str, pooling: str = "mean", max_length: int = 128) -> None:
     from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +146,7 @@ def save_cache(path: Path, item_ids: np.ndarray, hashes: np.ndarray, vectors: np
     save_file(
         {"item_ids": np.ascontiguousarray(item_ids, np.int64), "text_hashes": hashes, "embeddings": np.ascontiguousarray(vectors, np.float32)},
         str(tmp),
-        metadata={"model_path": model_path, "format": "cobra_scale.embeddings.v1"},
+        metadata={**_cache_key(model_path, pooling, max_length), "format": "cobra_scale.embeddings.v1"},
     )
     os.replace(tmp, path)
 
@@ -203,7 +209,7 @@ def embed_items(items: pa.Table, cfg: EmbedConfig, cache_path: Path | None) -> t
     hashes = text_hashes(texts)
     vectors: np.ndarray | None = None
     todo = np.arange(len(texts))
-    cached = load_cache(cache_path, model_path) if cache_path else None
+    cached = load_cache(cache_path, model_path, cfg.pooling, cfg.max_length) if cache_path else None
     if cached is not None:
         c_ids, c_hashes, c_vecs = cached
         pos = {int(i): k for k, i in enumerate(c_ids)}
@@ -221,7 +227,7 @@ def embed_items(items: pa.Table, cfg: EmbedConfig, cache_path: Path | None) -> t
             vectors = np.zeros((len(texts), new.shape[1]), dtype=np.float32)
         vectors[todo] = new
         if cache_path:
-            save_cache(cache_path, item_ids, hashes, vectors, model_path)
+            save_cache(cache_path, item_ids, hashes, vectors, model_path, cfg.pooling, cfg.max_length)
     assert vectors is not None
     if not np.isfinite(vectors).all():
         raise DataError("the embedding model produced non-finite vectors")

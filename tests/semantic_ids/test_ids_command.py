@@ -138,3 +138,6 @@ def test_cache_reuse_and_changed_text(fitted, tmp_path):
     assert n2 == 1
     np.testing.assert_array_equal(np.delete(vectors2, 7, 0), np.delete(vectors, 7, 0))
     assert float(vectors2[7] @ vectors[7]) < 0.9
+    # another max_length is another embedding: the cache is not reused
+    _, _, n3 = embed_items(changed, EmbedConfig(max_length=16), cache)
+    assert n3 == 40

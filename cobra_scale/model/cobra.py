@@ -1,0 +1,177 @@
+"""CobraModel: the cascaded sparse-dense decoder over ``[e1, v1, e2, v2, ...]``.
+
+Each history item contributes L code tokens (its sparse ID, one embedding table per
+level) followed by one dense token (its text encoder vector), each with an item-position
+and a token-type embedding. For item j the decoder predicts, from the tokens
+
+    [v_{j-1}, c^0_j, ..., c^{L-1}_j]
+        -> code 0 of j, code 1 of j, ..., code L-1 of j, dense vector of j
+
+so code l is predicted with codes < l of the same item in context, and the dense vector
+*given the full ID*. Ablations: ``use_sparse=False`` keeps only dense tokens (w/o ID);
+``use_dense=False`` keeps only code tokens (w/o Dense, TIGER-like).
+
+Shapes: B users, S items per sequence (left padded, -1), L levels, U unique items in the
+batch, Tt text tokens, d = d_model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cobra_scale.model.config import CobraConfig
+from cobra_scale.model.decoder import CausalDecoder, KVCache
+from cobra_scale.model.text_encoder import ItemTextEncoder
+
+
+@dataclass
+class Batch:
+    """One training batch; every tensor on the model's device."""
+
+    item_tokens: torch.Tensor  # (U, Tt) long, [CLS] first, 0 = pad
+    item_token_mask: torch.Tensor  # (U, Tt) long/bool
+    item_codes: torch.Tensor  # (U, L) long
+    item_ids: torch.Tensor  # (U,) long, catalogue index of each unique item
+    seq: torch.Tensor  # (B, S) long, index into the U unique items, -1 = left padding
+
+
+@dataclass
+class Losses:
+    total: torch.Tensor
+    sparse: torch.Tensor
+    dense: torch.Tensor
+    sparse_per_level: list[float]
+    predictions: int
+
+
+def dense_contrastive_loss(pred, keys, positives, temperature, query_item_ids, key_item_ids, impl: str = "auto"):
+    """The dense loss: in-batch softmax over cosine similarity (one routed function).
+
+    ``pred`` (P, d), ``keys`` (U, d), ``positives`` (P,) -> mean loss. Routed through the
+    kernel dispatcher of ``cobra_kernels`` (reference / tiled / Triton).
+    """
+    try:
+        from cobra_kernels import cosine_contrastive_loss
+    except ImportError:  # kernels package without the dispatcher: the reference is the spec
+        from cobra_kernels.reference import cosine_contrastive_loss_reference as ref
+
+        return ref(pred, keys, positives, temperature, query_item_ids, key_item_ids)
+    return cosine_contrastive_loss(pred, keys, positives, temperature, query_item_ids, key_item_ids, impl=impl)
+
+
+class CobraModel(nn.Module):
+    def __init__(self, cfg: CobraConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, L = cfg.d_model, cfg.levels
+        self.tokens_per_item = (L if cfg.use_sparse else 0) + (1 if cfg.use_dense else 0)
+        self.encoder = ItemTextEncoder(cfg.vocab_size, cfg.encoder_dim, cfg.encoder_layers, cfg.encoder_heads, cfg.text_tokens, d, cfg.dropout, cfg.attention_dropout)
+        self.code_emb = nn.ModuleList(nn.Embedding(cfg.codes, d) for _ in range(L))
+        self.type_emb = nn.Embedding(L + 1, d)  # levels 0..L-1, then "dense"
+        self.pos_emb = nn.Embedding(cfg.max_items, d)
+        self.dense_in = nn.Linear(d, d)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.decoder = CausalDecoder(d, cfg.decoder_layers, cfg.decoder_heads, cfg.dropout, cfg.attention_dropout)
+        self.code_heads = nn.ModuleList(nn.Linear(d, cfg.codes) for _ in range(L))
+        self.dense_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature)), requires_grad=cfg.learn_temperature)
+        self.dense_loss_impl = "auto"
+
+    # ------------------------------------------------------------------ building blocks
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp(min=1e-3)
+
+    def encode_items(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Dense vectors (U, d) of items from their text tokens (U, Tt)."""
+        return self.encoder(tokens, mask)
+
+    def item_tokens(self, codes: torch.Tensor, vectors: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of items: ``codes`` (B, S, L), ``vectors`` (B, S, d), ``positions`` (B, S)
+        -> (B, S, tokens_per_item, d) in the order [c^0 .. c^{L-1}, v]."""
+        parts = []
+        pos = self.pos_emb(positions.clamp(0, self.cfg.max_items - 1))  # (B, S, d)
+        if self.cfg.use_sparse:
+            for level in range(self.cfg.levels):
+                parts.append(self.code_emb[level](codes[..., level].clamp(min=0)) + self.type_emb.weight[level] + pos)
+        if self.cfg.use_dense:
+            assert vectors is not None
+            parts.append(self.dense_in(vectors) + self.type_emb.weight[self.cfg.levels] + pos)
+        return torch.stack(parts, dim=2)
+
+    @staticmethod
+    def positions(valid: torch.Tensor) -> torch.Tensor:
+        """Item positions (B, S) counted from each row's first real item (left padding)."""
+        return (valid.long().cumsum(1) - 1).clamp(min=0)
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, batch: Batch) -> Losses:
+        cfg = self.cfg
+        L, T = cfg.levels, self.tokens_per_item
+        seq = batch.seq
+        valid = seq >= 0  # (B, S)
+        idx = seq.clamp(min=0)
+        vectors = self.encode_items(batch.item_tokens, batch.item_token_mask) if cfg.use_dense else None  # (U, d)
+        codes = batch.item_codes[idx]  # (B, S, L)
+        x = self.item_tokens(codes, vectors[idx] if vectors is not None else None, self.positions(valid))  # (B, S, T, d)
+        b, s = seq.shape
+        x = self.emb_drop(x.reshape(b, s * T, -1))
+        key_mask = valid[:, :, None].expand(b, s, T).reshape(b, s * T)
+        h, _ = self.decoder(x, key_mask)  # (B, S*T, d)
+        h = h.view(b, s, T, -1)
+        # inputs predicting item j: the last token of item j-1, then all but the last of item j
+        pred_in = torch.cat([h[:, :-1, T - 1 : T], h[:, 1:, : T - 1]], dim=2)  # (B, S-1, T, d)
+        target_ok = valid[:, 1:] & valid[:, :-1]  # (B, S-1)
+        pred_in = pred_in[target_ok]  # (P, T, d)
+        target_items = idx[:, 1:][target_ok]  # (P,) unique-index of the target
+        zero = h.new_zeros(())
+        sparse, per_level = zero, []
+        if cfg.use_sparse:
+            target_codes = batch.item_codes[target_items]  # (P, L)
+            for level in range(L):
+                ce = F.cross_entropy(self.code_heads[level](pred_in[:, level]), target_codes[:, level])
+                sparse = sparse + ce
+                per_level.append(float(ce.detach()))
+        dense = zero
+        if cfg.use_dense:
+            pred = self.dense_head(pred_in[:, T - 1])  # (P, d)
+            dense = dense_contrastive_loss(
+                pred, vectors, target_items, self.temperature, batch.item_ids[target_items], batch.item_ids, impl=self.dense_loss_impl
+            )
+        total = cfg.sparse_weight * sparse + cfg.dense_weight * dense
+        return Losses(total, sparse, dense, per_level, int(target_items.numel()))
+
+    # ------------------------------------------------------------------ inference steps
+
+    def start(self, codes: torch.Tensor, vectors: torch.Tensor | None, valid: torch.Tensor) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
+        """Read the histories: ``codes`` (B, S, L), ``vectors`` (B, S, d), ``valid`` (B, S).
+
+        Returns ``(h_last (B, d), cache, next_position (B,))``: the hidden state of the last
+        history token (it predicts code 0 of the next item, or its dense vector w/o ID).
+        """
+        b, s = valid.shape
+        x = self.item_tokens(codes, vectors, self.positions(valid)).reshape(b, s * self.tokens_per_item, -1)
+        key_mask = valid[:, :, None].expand(b, s, self.tokens_per_item).reshape(b, -1)
+        h, cache = self.decoder(x, key_mask)
+        return h[:, -1], cache, valid.long().sum(1)
+
+    def step_code(self, cache: KVCache, level: int, code: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """Append the code token ``code`` (B,) of ``level`` at item ``position`` (B,) -> (h (B, d), cache)."""
+        x = self.code_emb[level](code) + self.type_emb.weight[level] + self.pos_emb(position.clamp(max=self.cfg.max_items - 1))
+        h, cache = self.decoder(x[:, None], torch.ones_like(code, dtype=torch.bool)[:, None], cache)
+        return h[:, 0], cache
+
+    def code_logprobs(self, h: torch.Tensor, level: int) -> torch.Tensor:
+        """(B, d) -> (B, K) log-probabilities of the code of ``level``."""
+        return F.log_softmax(self.code_heads[level](h).float(), dim=-1)
+
+    def dense_prediction(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, d) -> (B, d) L2-normalised predicted dense vector."""
+        return F.normalize(self.dense_head(h), dim=-1)

@@ -1,0 +1,43 @@
+"""The model's hyper-parameters (numbers only; the builder reads nothing else)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cobra_scale.config import field
+from cobra_scale.errors import ConfigError
+
+
+@dataclass
+class CobraConfig:
+    """Architecture of a COBRA model."""
+
+    levels: int = field(3, help="sparse-ID code levels L (set from the semantic IDs)")
+    codes: int = field(32, help="codes per level K (set from the semantic IDs)")
+    d_model: int = field(128, help="width of the decoder (and of the dense item vectors)")
+    decoder_layers: int = field(2, help="causal Transformer layers of the decoder (paper: 2)")
+    decoder_heads: int = field(4, help="attention heads of the decoder")
+    encoder_layers: int = field(1, help="Transformer layers of the item text encoder (paper: 1)")
+    encoder_heads: int = field(4, help="attention heads of the text encoder")
+    encoder_dim: int = field(128, help="width of the text encoder")
+    text_tokens: int = field(32, help="max tokens of an item text, [CLS] included")
+    vocab_size: int = field(30522, help="tokenizer vocabulary (set from the tokenizer)")
+    max_items: int = field(21, help="max items in a sequence (history + the predicted one)")
+    dropout: float = field(0.1, help="dropout in both Transformers and on embeddings")
+    attention_dropout: float = field(0.0, help="dropout on attention weights (0 lets SDPA use its fused CPU/GPU kernels)")
+    temperature: float = field(0.07, help="initial temperature of the dense in-batch softmax")
+    learn_temperature: bool = field(True, help="train the temperature (as a log-parameter)")
+    sparse_weight: float = field(1.0, help="weight of the sparse (code) cross-entropy")
+    dense_weight: float = field(1.0, help="weight of the dense (cosine softmax) loss")
+    use_sparse: bool = field(True, help="False = ablation 'w/o ID': no code tokens, dense only")
+    use_dense: bool = field(True, help="False = ablation 'w/o Dense': codes only (TIGER-like)")
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.decoder_heads or self.encoder_dim % self.encoder_heads:
+            raise ConfigError("d_model / encoder_dim must be divisible by their head counts")
+        if not (self.use_sparse or self.use_dense):
+            raise ConfigError("at least one of use_sparse / use_dense must be true")
+        if self.text_tokens < 2 or self.max_items < 2:
+            raise ConfigError("text_tokens and max_items must be >= 2")
+        if self.temperature <= 0:
+            raise ConfigError("temperature must be > 0")

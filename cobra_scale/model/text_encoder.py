@@ -1,0 +1,57 @@
+"""Item text encoder: a small Transformer over the item's tokens, [CLS] first; its [CLS]
+output, projected, is the item's dense vector. Trained end to end with the decoder.
+
+Built on ``transformers.BertModel`` (1 layer by default), so the trained encoder is saved
+with ``save_pretrained`` and loads in any tool that reads Hugging Face folders.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ItemTextEncoder(nn.Module):
+    """Token ids (U, T) with [CLS] at position 0 -> dense vectors (U, d_model)."""
+
+    def __init__(self, vocab_size: int, dim: int, layers: int, heads: int, max_tokens: int, out_dim: int, dropout: float, attention_dropout: float = 0.0):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        self.bert_config = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=dim,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * dim,
+            max_position_embeddings=max_tokens,
+            type_vocab_size=1,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=attention_dropout,
+        )
+        self.bert = BertModel(self.bert_config, add_pooling_layer=False)
+        self.proj = nn.Linear(dim, out_dim)
+
+    @torch.no_grad()
+    def init_word_embeddings(self, matrix: torch.Tensor) -> None:
+        """Initialise token embeddings from a pretrained matrix (vocab, D), PCA-projected to ``dim``.
+
+        The projection keeps the ``dim`` directions of largest variance, scaled so the
+        embeddings have the usual std (~0.02-0.05) of a freshly initialised table.
+        """
+        vocab, dim = self.bert.embeddings.word_embeddings.weight.shape
+        if matrix.shape[0] != vocab:
+            raise ValueError(f"pretrained embeddings have {matrix.shape[0]} rows, the tokenizer {vocab}")
+        m = matrix.float() - matrix.float().mean(0)
+        if matrix.shape[1] == dim:
+            proj = m
+        else:
+            _, _, v = torch.linalg.svd(m[torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:8192]], full_matrices=False)
+            proj = m @ v[:dim].T  # (vocab, dim)
+        proj = proj / proj.std() * 0.05
+        self.bert.embeddings.word_embeddings.weight.copy_(proj)
+
+    def forward(self, token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``token_ids``, ``attention_mask``: (U, T) -> (U, out_dim)."""
+        hidden = self.bert(input_ids=token_ids, attention_mask=attention_mask).last_hidden_state  # (U, T, dim)
+        return self.proj(hidden[:, 0])

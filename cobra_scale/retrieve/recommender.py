@@ -1,0 +1,121 @@
+"""History -> top-K items, in every inference mode of the paper and its ablations.
+
+Modes:
+
+* ``cobra``       beam search (M IDs) -> dense vector per ID -> items of each ID -> BeamFusion
+* ``no_fusion``   "w/o BeamFusion": the top-1 beam's dense vector, nearest neighbours over all items
+* ``dense_only``  "w/o ID": a model trained without codes; its dense prediction, nearest neighbours
+* ``sparse_only`` "w/o Dense" (TIGER-like): beams over IDs fine enough to name one item; beam order
+
+Item indices are positions in the catalogue (0..N-1); histories are left-padded with -1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cobra_scale.model.beam import PrefixMasks, beam_fusion, beam_search
+from cobra_scale.model.cobra import CobraModel
+from cobra_scale.retrieve.exact import ExactIdIndex, mask_items
+
+MODES = ("cobra", "no_fusion", "dense_only", "sparse_only")
+
+
+@dataclass
+class InferenceParams:
+    mode: str = "cobra"
+    beams: int = 20  # M
+    tau: float = 1.0  # BeamFusion temperature on beam scores
+    psi: float = 20.0  # BeamFusion temperature on cosine
+    normalize: str = "global"  # BeamFusion's candidate softmax: "global" | "per_beam"
+    exclude_history: bool = False  # mask the user's own history items from the ranking
+
+
+class Recommender:
+    """Runs inference for a trained model over a catalogue.
+
+    Args:
+        model: a CobraModel (eval mode is set here).
+        item_codes: (N, L) long codes of every catalogue item.
+        item_vectors: (N, d) dense vectors of every item (from ``model.encode_items``).
+        index: an index over the item vectors keyed by packed ID (default: exact, in memory).
+    """
+
+    def __init__(self, model: CobraModel, item_codes: torch.Tensor, item_vectors: torch.Tensor | None, index: ExactIdIndex | None = None):
+        self.model = model.eval()
+        self.codes = item_codes
+        self.vectors = item_vectors
+        k = model.cfg.codes
+        sids = torch.zeros(len(item_codes), dtype=torch.long)
+        for level in range(item_codes.shape[1]):
+            sids = sids * k + item_codes[:, level]
+        self.sids = sids
+        self.masks = PrefixMasks(item_codes.numpy(), k) if model.cfg.use_sparse else None
+        if index is None and item_vectors is not None:
+            index = ExactIdIndex(item_vectors, sids)
+        self.index = index
+        self.sid_to_item = None
+        if model.cfg.use_sparse and not model.cfg.use_dense:
+            uniq, counts = torch.unique(sids, return_counts=True)
+            if int(counts.max()) > 1:
+                raise ValueError("sparse_only needs IDs that name one item each (add a dedup level to the codes)")
+            self.sid_to_item = ExactIdIndex(torch.zeros(len(sids), 1), sids)
+
+    def _history_inputs(self, history: torch.Tensor):
+        valid = history >= 0
+        idx = history.clamp(min=0)
+        codes = self.codes[idx]
+        vectors = self.vectors[idx] if (self.vectors is not None and self.model.cfg.use_dense) else None
+        return codes, vectors, valid
+
+    @torch.no_grad()
+    def recommend(self, history: torch.Tensor, k: int, params: InferenceParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """``history`` (B, S) catalogue indices, -1 left padding -> ``(items (B, k), scores (B, k))``.
+
+        Rows with fewer than ``k`` candidates are padded with item -1 and score -inf.
+        """
+        mode = params.mode
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        codes, vectors, valid = self._history_inputs(history)
+        exclude = history if params.exclude_history else None
+        if mode == "dense_only":
+            h, _, _ = self.model.start(codes, vectors, valid)
+            return self.index.search(self.model.dense_prediction(h), k, exclude)
+        beams = beam_search(self.model, codes, vectors, valid, self.masks, params.beams if mode != "no_fusion" else 1, with_dense=mode != "sparse_only")
+        b, m = beams.scores.shape
+        if mode == "no_fusion":
+            return self.index.search(beams.dense[:, 0], k, exclude)
+        if mode == "sparse_only":
+            items = self.sid_to_item.bucket_items(beams.sids.view(-1)).view(b, m, -1)[:, :, 0]  # (B, M)
+            scores = beams.scores.masked_fill(items < 0, float("-inf"))
+            if exclude is not None:
+                hit = (items[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)
+                scores = scores.masked_fill(hit.any(-1), float("-inf"))
+            return _topk_padded(items, scores, k)
+        # cobra: candidates of every beam's ID, scored by BeamFusion
+        cand, cos = self.index.search_in_ids(beams.dense.reshape(b * m, -1), beams.sids.view(-1))
+        cand, cos = cand.view(b, m, -1), cos.view(b, m, -1)
+        cos = cos.masked_fill(~torch.isfinite(beams.scores)[:, :, None], float("-inf"))
+        if exclude is not None:
+            hit = (cand[:, :, :, None] == exclude[:, None, None, :]) & (exclude[:, None, None, :] >= 0)
+            cos = cos.masked_fill(hit.any(-1), float("-inf"))
+        fused = beam_fusion(beams.scores, cos, params.tau, params.psi, params.normalize)
+        fused = fused.masked_fill(~torch.isfinite(cos), float("-inf"))
+        return _topk_padded(cand.view(b, -1), fused.view(b, -1), k)
+
+
+def _topk_padded(items: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``k`` of (B, C) candidates, padded to k columns with item -1 / score -inf."""
+    if scores.shape[1] < k:
+        pad = k - scores.shape[1]
+        scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), float("-inf"))], 1)
+        items = torch.cat([items, items.new_full((items.shape[0], pad), -1)], 1)
+    top, pos = scores.topk(k, dim=-1)
+    chosen = items.gather(1, pos)
+    return chosen.masked_fill(~torch.isfinite(top), -1), top
+
+
+__all__ = ["InferenceParams", "MODES", "Recommender", "mask_items"]

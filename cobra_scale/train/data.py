@@ -1,0 +1,174 @@
+"""Catalogue tensors and batches for COBRA training and evaluation.
+
+* :class:`Catalogue` — every item's text tokens (tokenised once with a real WordPiece
+  tokenizer, [CLS] first), its sparse-ID codes, and the id <-> index mapping.
+* :func:`training_windows` — training sequences cut into windows of at most
+  ``max_items`` items, so every target sees up to ``max_items - 1`` history items.
+* :func:`collate` — a :class:`~cobra_scale.model.cobra.Batch`: only the unique items of
+  the batch are tokenised-encoded; sequences refer to them by index.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cobra_scale.data.io import read_table
+from cobra_scale.data.schemas import item_texts
+from cobra_scale.errors import DataError
+from cobra_scale.model.cobra import Batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Catalogue:
+    item_ids: np.ndarray  # (N,) int64 external ids, sorted
+    tokens: torch.Tensor  # (N, Tt) long, [CLS] ... [SEP] then 0 padding
+    token_mask: torch.Tensor  # (N, Tt) long
+    codes: torch.Tensor  # (N, L) long
+    codes_per_level: int
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def index_of(self, ids: np.ndarray) -> np.ndarray:
+        """External ids -> catalogue indices; -1 for unknown ids."""
+        pos = np.searchsorted(self.item_ids, ids).clip(max=len(self.item_ids) - 1)
+        return np.where(self.item_ids[pos] == ids, pos, -1)
+
+
+def load_tokenizer(path: str | None = None):
+    """The WordPiece tokenizer shipped with all-MiniLM-L6-v2 (or one at ``path``)."""
+    from transformers import AutoTokenizer
+
+    from cobra_scale.semantic_ids.embed import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(path))
+
+
+def add_dedup_level(codes: np.ndarray, codes_per_level: int) -> np.ndarray:
+    """Append a code that numbers the items sharing an ID (TIGER's disambiguation level).
+
+    Returns (N, L+1) codes; raises if a bucket holds more than ``codes_per_level`` items.
+    """
+    packed = np.zeros(len(codes), dtype=np.int64)
+    for level in range(codes.shape[1]):
+        packed = packed * codes_per_level + codes[:, level]
+    order = np.argsort(packed, kind="stable")
+    sorted_ids = packed[order]
+    first = np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]
+    group_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - group_start
+    if rank.max(initial=0) >= codes_per_level:
+        raise DataError(f"an ID holds {rank.max() + 1} items, more than the {codes_per_level} codes of a dedup level")
+    return np.concatenate([codes, rank[:, None]], axis=1)
+
+
+def load_catalogue(items_path: str | Path, sids_path: str | Path, tokenizer, text_tokens: int, codes_per_level: int, dedup: bool = False) -> Catalogue:
+    """Join items and their semantic IDs; tokenise every item's text once."""
+    items = read_table(items_path).sort_by("item_id")
+    sids = read_table(sids_path).sort_by("item_id")
+    ids = np.asarray(items.column("item_id"), dtype=np.int64)
+    sid_ids = np.asarray(sids.column("item_id"), dtype=np.int64)
+    if not np.array_equal(ids, sid_ids):
+        missing = np.setdiff1d(ids, sid_ids)
+        raise DataError(f"{sids_path} does not cover the catalogue: {len(missing)} item(s) without an ID (run `cobra ids` on these items)")
+    level_cols = sorted((c for c in sids.column_names if c.startswith("code_")), key=lambda c: int(c.split("_")[1]))
+    codes = np.stack([np.asarray(sids.column(c), dtype=np.int64) for c in level_cols], axis=1)
+    if codes.max() >= codes_per_level:
+        raise DataError(f"{sids_path} has codes >= {codes_per_level}; set the model's `codes` to the quantiser's")
+    if dedup:
+        codes = add_dedup_level(codes, codes_per_level)
+    texts = item_texts(items)
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=text_tokens, return_tensors="pt")
+    return Catalogue(ids, enc["input_ids"].long(), enc["attention_mask"].long(), torch.from_numpy(codes), codes_per_level)
+
+
+def read_sequences(path: str | Path, catalogue: Catalogue, column: str = "item_ids") -> list[np.ndarray]:
+    """Per-user arrays of catalogue indices from a sequences table (unknown items dropped)."""
+    table = read_table(path, columns=["user_id", column])
+    col = table.column(column).combine_chunks()
+    offsets = np.asarray(col.offsets)
+    idx = catalogue.index_of(np.asarray(col.values, dtype=np.int64)[offsets[0] : offsets[-1]])
+    offsets = offsets - offsets[0]
+    unknown = int((idx < 0).sum())
+    if unknown:
+        log.warning("%s: %d interaction(s) with items missing from the catalogue were skipped", path, unknown)
+    return [s[s >= 0] for s in np.split(idx, offsets[1:-1])]
+
+
+def training_windows(sequences: list[np.ndarray], max_items: int) -> list[np.ndarray]:
+    """Cut sequences into windows of <= ``max_items`` items.
+
+    Windows end at the sequence end and step back by ``max_items - 1`` (consecutive windows
+    share one item), so every item after the first is a target exactly once, with up to
+    ``max_items - 1`` items of history; sequences of < 2 items give no window.
+    """
+    out = []
+    for seq in sequences:
+        n = len(seq)
+        end = n
+        while end >= 2:
+            start = max(0, end - max_items)
+            out.append(seq[start:end])
+            if start == 0:
+                break
+            end = start + 1
+    return out
+
+
+@dataclass
+class EvalSet:
+    history: torch.Tensor  # (U, S) catalogue indices, -1 left padding
+    targets: list[np.ndarray]  # per user, catalogue indices of the target(s)
+    user_ids: np.ndarray
+
+
+def load_examples(path: str | Path, catalogue: Catalogue, max_history: int) -> EvalSet:
+    """Validation/test rows (history -> targets) as left-padded index tensors."""
+    table = read_table(path, columns=["user_id", "history", "targets"])
+    hist = read_sequences(path, catalogue, "history")
+    targets = read_sequences(path, catalogue, "targets")
+    history = torch.full((len(hist), max_history), -1, dtype=torch.long)
+    for row, h in enumerate(hist):
+        h = h[-max_history:]
+        if len(h):
+            history[row, max_history - len(h) :] = torch.from_numpy(h)
+    return EvalSet(history, targets, np.asarray(table.column("user_id"), dtype=np.int64))
+
+
+def collate(windows: list[np.ndarray], catalogue: Catalogue) -> Batch:
+    """A batch of windows (catalogue indices) -> :class:`Batch` over its unique items."""
+    s = max(len(w) for w in windows)
+    flat = np.concatenate(windows)
+    unique, inverse = np.unique(flat, return_inverse=True)
+    seq = np.full((len(windows), s), -1, dtype=np.int64)
+    pos = 0
+    for row, w in enumerate(windows):
+        seq[row, s - len(w) :] = inverse[pos : pos + len(w)]
+        pos += len(w)
+    u = torch.from_numpy(unique)
+    return Batch(
+        item_tokens=catalogue.tokens[u],
+        item_token_mask=catalogue.token_mask[u],
+        item_codes=catalogue.codes[u],
+        item_ids=u,
+        seq=torch.from_numpy(seq),
+    )
+
+
+def batch_to(batch: Batch, device: torch.device | str) -> Batch:
+    return Batch(*(getattr(batch, f).to(device) for f in ("item_tokens", "item_token_mask", "item_codes", "item_ids", "seq")))
+
+
+def trim_tokens(batch: Batch) -> Batch:
+    """Drop token columns that are padding in every row (texts are often short)."""
+    used = int(batch.item_token_mask.sum(1).max())
+    return Batch(batch.item_tokens[:, :used], batch.item_token_mask[:, :used], batch.item_codes, batch.item_ids, batch.seq)
+

@@ -1,0 +1,320 @@
+"""Single-process COBRA training: epochs, per-epoch validation, early stopping, checkpoints.
+
+Run folder layout::
+
+    out/config.yaml                      resolved TrainConfig
+    out/checkpoints/last/                model.safetensors, optimizer.pt, state.json (resume)
+    out/best/                            model.safetensors, config.yaml, state.json (best valid ndcg@10)
+    out/history.json, out/curve.png      per-epoch losses and validation metrics
+
+The training step (:func:`train_step`) is the one the distributed launcher wraps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cobra_scale.config import load_config, save_config
+from cobra_scale.errors import CobraError, DataError
+from cobra_scale.model.cobra import Batch, CobraModel, Losses
+from cobra_scale.retrieve.recommender import InferenceParams, Recommender
+from cobra_scale.train.configs import InferenceConfig, TrainConfig
+from cobra_scale.train.data import (
+    Catalogue,
+    batch_to,
+    collate,
+    load_catalogue,
+    load_examples,
+    load_tokenizer,
+    read_sequences,
+    training_windows,
+    trim_tokens,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CobraError("device=cuda but no CUDA device is visible")
+    return torch.device(device)
+
+
+def quantizer_codes(ids_dir: str | Path) -> int:
+    meta = Path(ids_dir) / "quantizer" / "quantizer.json"
+    if not meta.is_file():
+        raise DataError(f"{ids_dir} has no quantizer/quantizer.json (run `cobra ids` first)")
+    return int(json.loads(meta.read_text())["quantizer"]["codes"])
+
+
+def prepare(cfg: TrainConfig) -> tuple[Catalogue, object]:
+    """Tokenizer + catalogue; fills ``cfg.model.levels/codes/vocab_size`` from the data."""
+    data = Path(cfg.data)
+    if not (data / "items.parquet").is_file():
+        raise DataError(f"{data} has no items.parquet (import a dataset with `cobra data ...`)")
+    tokenizer = load_tokenizer()
+    codes = quantizer_codes(cfg.ids)
+    catalogue = load_catalogue(data / "items.parquet", Path(cfg.ids) / "sids.parquet", tokenizer, cfg.model.text_tokens, codes, cfg.dedup_level)
+    cfg.model.levels = int(catalogue.codes.shape[1])
+    cfg.model.codes = codes
+    cfg.model.vocab_size = int(tokenizer.vocab_size)
+    return catalogue, tokenizer
+
+
+def init_token_embeddings(model: CobraModel) -> None:
+    """Token embeddings of the packaged all-MiniLM-L6-v2, PCA-projected to the encoder width."""
+    from safetensors.torch import load_file
+
+    from cobra_scale.semantic_ids.embed import resolve_model_path
+
+    weights = load_file(str(Path(resolve_model_path(None)) / "model.safetensors"))
+    key = next(k for k in weights if k.endswith("embeddings.word_embeddings.weight"))
+    model.encoder.init_word_embeddings(weights[key])
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float) -> Losses:
+    """One optimisation step on one batch (the unit the distributed trainer wraps)."""
+    model.train()
+    losses = model(batch)
+    optimizer.zero_grad(set_to_none=True)
+    losses.total.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return losses
+
+
+# ----------------------------------------------------------------------------- eval / io
+
+
+@torch.no_grad()
+def encode_catalogue(model: CobraModel, catalogue: Catalogue, device: torch.device, batch: int = 2048) -> torch.Tensor:
+    """Dense vectors (N, d) of every catalogue item."""
+    model.eval()
+    out = []
+    for start in range(0, len(catalogue), batch):
+        mask = catalogue.token_mask[start : start + batch]
+        used = int(mask.sum(1).max())
+        out.append(model.encode_items(catalogue.tokens[start : start + batch, :used].to(device), mask[:, :used].to(device)).float())
+    return torch.cat(out)
+
+
+def make_recommender(model: CobraModel, catalogue: Catalogue, device: torch.device) -> Recommender:
+    vectors = encode_catalogue(model, catalogue, device) if model.cfg.use_dense else None
+    return Recommender(model, catalogue.codes.to(device), vectors)
+
+
+def inference_params(icfg: InferenceConfig, exclude_history: bool = False) -> InferenceParams:
+    return InferenceParams(icfg.mode, icfg.beams, icfg.tau, icfg.psi, icfg.normalize, exclude_history)
+
+
+def save_weights(model: CobraModel, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".model.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"format": "cobra_scale.model.v1"})
+    os.replace(tmp, folder / "model.safetensors")
+
+
+def load_weights(model: CobraModel, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise CobraError(f"no model.safetensors in {folder}")
+    model.load_state_dict(load_file(str(path)))
+
+
+def load_run(run: str | Path, device: str = "auto") -> tuple[CobraModel, Catalogue, TrainConfig, torch.device]:
+    """The best model of a run folder, its catalogue and config."""
+    run = Path(run)
+    if not (run / "best" / "model.safetensors").is_file():
+        raise CobraError(f"{run} has no best/model.safetensors (train first with `cobra train`)")
+    cfg = load_config(TrainConfig, run / "config.yaml")
+    catalogue, _ = prepare(cfg)
+    dev = pick_device(device)
+    model = CobraModel(cfg.model).to(dev)
+    load_weights(model, run / "best")
+    return model.eval(), catalogue, cfg, dev
+
+
+def plot_curve(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    a.plot(epochs, [h["train_sparse"] for h in history], label="sparse (CE)")
+    a.plot(epochs, [h["train_dense"] for h in history], label="dense (cos softmax)")
+    a.set_xlabel("epoch")
+    a.set_ylabel("train loss")
+    a.legend()
+    ev = [h for h in history if "valid" in h]
+    for name in ("recall@10", "ndcg@10"):
+        b.plot([h["epoch"] for h in ev], [h["valid"][name] for h in ev], marker="o", label=f"valid {name}")
+    b.set_xlabel("epoch")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(cfg: TrainConfig) -> dict:
+    started = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    out = Path(cfg.out)
+    catalogue, _ = prepare(cfg)
+    split = Path(cfg.data) / "splits" / cfg.split
+    for part in ("train", "valid"):
+        if not (split / part).exists():
+            raise DataError(f"{split / part} not found (make the split with `cobra data split` or `cobra data amazon`)")
+    windows = training_windows(read_sequences(split / "train", catalogue), cfg.model.max_items)
+    if not windows:
+        raise DataError(f"{split / 'train'} holds no sequence of 2+ items")
+    valid = load_examples(split / "valid", catalogue, cfg.model.max_items - 1)
+    if cfg.eval_users and cfg.eval_users < len(valid.targets):
+        pick = np.random.default_rng(cfg.seed).choice(len(valid.targets), cfg.eval_users, replace=False)
+        pick.sort()
+        valid.history, valid.targets = valid.history[torch.from_numpy(pick)], [valid.targets[i] for i in pick]
+    save_config(cfg, out)
+
+    model = CobraModel(cfg.model).to(device)
+    model.dense_loss_impl = cfg.dense_loss_impl
+    if cfg.init_embeddings:
+        init_token_embeddings(model)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(windows) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, steps_per_epoch * cfg.epochs))
+    state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": []}
+    last = out / "checkpoints" / "last"
+    if cfg.resume and (last / "state.json").is_file():
+        load_weights(model, last)
+        opt_state = torch.load(last / "optimizer.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
+        state = json.loads((last / "state.json").read_text())
+        log.info("resumed from %s at epoch %d (step %d)", last, state["epoch"], state["step"])
+    log.info(
+        "%d training windows (%d targets), %d steps/epoch, %d valid users, %.2fM parameters, dense loss: %s",
+        len(windows), sum(len(w) - 1 for w in windows), steps_per_epoch, len(valid.targets),
+        sum(p.numel() for p in model.parameters()) / 1e6, _dense_impl_name(cfg.dense_loss_impl, device),
+    )
+    params = inference_params(cfg.inference)
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
+    stop_reason = "epochs"
+    while state["epoch"] < cfg.epochs:
+        epoch = state["epoch"] + 1
+        order = np.random.default_rng(cfg.seed + epoch).permutation(len(windows))
+        sums = {"total": 0.0, "sparse": 0.0, "dense": 0.0}
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", unit="step", leave=False)
+        for i in bar:
+            chunk = [windows[j] for j in order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
+            batch = batch_to(trim_tokens(collate(chunk, catalogue)), device)
+            losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip)
+            for k in sums:
+                sums[k] += float(getattr(losses, k))
+            state["step"] += 1
+            bar.set_postfix(sparse=f"{float(losses.sparse):.3f}", dense=f"{float(losses.dense):.3f}")
+        record = {"epoch": epoch, "step": state["step"], **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
+                  "temperature": float(model.temperature), "elapsed_s": round(time.perf_counter() - started, 1)}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            from cobra_scale.eval.offline import evaluate
+
+            rec = make_recommender(model, catalogue, device)
+            record["valid"] = evaluate(rec, valid.history, valid.targets, params, progress=False, device=device)
+            score = record["valid"]["ndcg@10"]
+            if score > state["best"]:
+                state.update(best=score, best_epoch=epoch, bad_evals=0)
+                save_weights(model, out / "best")
+                save_config(cfg, out / "best")
+            else:
+                state["bad_evals"] += 1
+        state["epoch"] = epoch
+        state["history"].append(record)
+        _save_last(model, optimizer, scheduler, state, last)
+        log.info("epoch %d: %s", epoch, _fmt(record))
+        if state["bad_evals"] >= cfg.patience:
+            stop_reason = f"early stop (no improvement in {cfg.patience} validations)"
+            break
+        if time.perf_counter() - started > budget_s:
+            stop_reason = f"time budget of {cfg.max_minutes} min"
+            break
+    (out / "history.json").write_text(json.dumps(state["history"], indent=2))
+    plot_curve(state["history"], out / "curve.png")
+    (out / "best" / "state.json").write_text(json.dumps({"epoch": state["best_epoch"], "valid_ndcg@10": state["best"]}))
+    best = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
+    return {
+        "epochs": state["epoch"],
+        "stopped_by": stop_reason,
+        "best_epoch": state["best_epoch"],
+        **{f"valid_{k}": round(v, 4) for k, v in best.get("valid", {}).items()},
+        "wall_minutes": round((time.perf_counter() - started) / 60, 1),
+        "out": str(out),
+    }
+
+
+def _save_last(model, optimizer, scheduler, state: dict, folder: Path) -> None:
+    tmp = folder.with_name(".last.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_weights(model, tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _dense_impl_name(impl: str, device: torch.device) -> str:
+    try:
+        from cobra_kernels import resolve_impl
+
+        return resolve_impl(impl, device)
+    except ImportError:
+        return "reference"
+
+
+def _fmt(record: dict) -> str:
+    parts = [f"sparse {record['train_sparse']:.3f}", f"dense {record['train_dense']:.3f}", f"T {record['temperature']:.3f}"]
+    if "valid" in record:
+        parts += [f"valid {k} {v:.4f}" for k, v in record["valid"].items()]
+    return ", ".join(parts)
