@@ -1,0 +1,180 @@
+"""COBRA model: shapes, causality, constrained beam search, BeamFusion, retrieval modes."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cobra_scale.model.beam import PrefixMasks, beam_fusion, beam_search, greedy_decode
+from cobra_scale.model.cobra import Batch, CobraModel
+from cobra_scale.model.config import CobraConfig
+from cobra_scale.retrieve.exact import ExactIdIndex
+from cobra_scale.retrieve.recommender import InferenceParams, Recommender
+
+L, K, D = 2, 4, 16
+
+
+def tiny_model(**kw) -> CobraModel:
+    torch.manual_seed(0)
+    cfg = CobraConfig(levels=L, codes=K, d_model=D, encoder_dim=D, decoder_heads=2, encoder_heads=2, vocab_size=50, text_tokens=6, max_items=8, dropout=0.0, **kw)
+    return CobraModel(cfg).eval()
+
+
+def catalogue(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(5, 50, (n, 6), generator=g)
+    tokens[:, 0] = 1  # [CLS]
+    mask = torch.ones(n, 6, dtype=torch.long)
+    codes = torch.stack([torch.arange(n) % K, (torch.arange(n) // K) % K], 1)
+    return tokens, mask, codes
+
+
+def batch(seq):
+    tokens, mask, codes = catalogue()
+    uniq = torch.arange(12)
+    return Batch(tokens, mask, codes, uniq, torch.tensor(seq))
+
+
+def test_forward_shapes_and_losses():
+    model = tiny_model()
+    out = model(batch([[-1, -1, 0, 1, 2], [3, 4, 5, 6, 7]]))
+    assert out.predictions == 2 + 4  # targets: items after the first real one
+    assert out.total.ndim == 0 and torch.isfinite(out.total)
+    assert len(out.sparse_per_level) == L
+    # initial sparse CE per level is about log K
+    assert all(abs(v - math.log(K)) < 1.0 for v in out.sparse_per_level)
+
+
+@pytest.mark.parametrize("flags", [{}, {"use_sparse": False}, {"use_dense": False}])
+def test_no_position_sees_the_future(flags):
+    model = tiny_model(**flags)
+    tokens, mask, codes = catalogue()
+    vec = model.encode_items(tokens, mask)
+    seq_a = torch.tensor([[0, 1, 2, 3, 4]])
+    seq_b = torch.tensor([[0, 1, 2, 9, 10]])  # differs from item 3 on
+    T = model.tokens_per_item
+
+    def hidden(seq):
+        valid = seq >= 0
+        x = model.item_tokens(codes[seq], vec[seq], model.positions(valid)).reshape(1, -1, D)
+        h, _ = model.decoder(x, valid[:, :, None].expand(1, 5, T).reshape(1, -1))
+        return h
+
+    ha, hb = hidden(seq_a), hidden(seq_b)
+    cut = 3 * T  # tokens of items 0..2
+    torch.testing.assert_close(ha[:, :cut], hb[:, :cut])
+    assert not torch.allclose(ha[:, cut:], hb[:, cut:])
+
+
+def test_left_padding_does_not_change_outputs():
+    model = tiny_model()
+    tokens, mask, codes = catalogue()
+    vec = model.encode_items(tokens, mask)
+    a = torch.tensor([[2, 3, 4]])
+    b = torch.tensor([[-1, -1, 2, 3, 4]])
+    ha, _, pa_ = model.start(codes[a.clamp(min=0)], vec[a.clamp(min=0)], a >= 0)
+    hb, _, pb = model.start(codes[b.clamp(min=0)], vec[b.clamp(min=0)], b >= 0)
+    torch.testing.assert_close(ha, hb, atol=1e-5, rtol=1e-5)
+    assert int(pa_) == int(pb) == 3
+
+
+def test_kv_cache_step_equals_full_recompute():
+    model = tiny_model()
+    tokens, mask, codes = catalogue()
+    vec = model.encode_items(tokens, mask)
+    hist = torch.tensor([[0, 1, 2]])
+    valid = hist >= 0
+    _, cache, pos = model.start(codes[hist], vec[hist], valid)
+    h_step, _ = model.step_code(cache, 0, codes[3:4, 0], pos)
+    # full recompute: history + item 3's first code token, no cache
+    x = model.item_tokens(codes[hist], vec[hist], model.positions(valid)).reshape(1, -1, D)
+    x_new = model.code_emb[0](codes[3:4, 0]) + model.type_emb.weight[0] + model.pos_emb(pos)
+    h_full, _ = model.decoder(torch.cat([x, x_new[:, None]], 1), torch.ones(1, x.shape[1] + 1, dtype=torch.bool))
+    torch.testing.assert_close(h_step, h_full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_beam_search_yields_valid_ids_and_m1_equals_greedy():
+    model = tiny_model()
+    tokens, mask, codes = catalogue()
+    # a sparse catalogue: only some ID combinations exist
+    codes = codes[[0, 1, 5, 6, 10, 11]]
+    vec = model.encode_items(tokens[:6], mask[:6])
+    masks = PrefixMasks(codes.numpy(), K)
+    existing = {tuple(c) for c in codes.tolist()}
+    hist = torch.tensor([[-1, 0, 1], [2, 3, 4]])
+    valid = hist >= 0
+    h_codes, h_vec = codes[hist.clamp(min=0)], vec[hist.clamp(min=0)]
+    beams = beam_search(model, h_codes, h_vec, valid, masks, beams=10)
+    # only as many finite beams as existing IDs; the rest are marked invalid (-inf)
+    assert (torch.isfinite(beams.scores).sum(1) == len(existing)).all()
+    for row in range(2):
+        got = {tuple(c) for c, s in zip(beams.codes[row].tolist(), beams.scores[row].tolist()) if s > float("-inf")}
+        assert got <= existing and len(got) == len(existing)
+        assert torch.all(beams.scores[row][:-1] >= beams.scores[row][1:])  # sorted
+    assert beams.dense.shape == (2, 10, D)
+    one = beam_search(model, h_codes, h_vec, valid, masks, beams=1)
+    assert torch.equal(one.codes[:, 0], greedy_decode(model, h_codes, h_vec, valid, masks))
+    # a wider beam finds an ID at least as likely as the greedy one
+    assert torch.all(beams.scores[:, 0] >= one.scores[:, 0] - 1e-6)
+
+
+def test_beam_fusion_hand_computed():
+    beam_scores = torch.tensor([[math.log(0.6), math.log(0.3)]])
+    cos = torch.tensor([[[0.9, 0.1], [0.5, float("-inf")]]])
+    got = beam_fusion(beam_scores, cos, tau=1.0, psi=2.0, normalize="per_beam")
+    pb = torch.tensor([0.6, 0.3]) / 0.9
+    c0 = torch.softmax(torch.tensor([1.8, 0.2]), 0)
+    expected = torch.tensor([[[pb[0] * c0[0], pb[0] * c0[1]], [pb[1] * 1.0, 0.0]]])
+    torch.testing.assert_close(got, expected)
+    glob = beam_fusion(beam_scores, cos, tau=1.0, psi=2.0, normalize="global")
+    z = math.exp(1.8) + math.exp(0.2) + math.exp(1.0)
+    torch.testing.assert_close(glob[0, 1, 0], pb[1] * math.exp(1.0) / z)
+
+
+def test_exact_index_buckets_and_exclusion():
+    vectors = torch.eye(4)
+    sids = torch.tensor([7, 3, 7, 9])
+    index = ExactIdIndex(vectors, sids)
+    items = index.bucket_items(torch.tensor([7, 9, 5]))
+    assert sorted(items[0].tolist()) == [0, 2]
+    assert items[1].tolist() == [3, -1] and items[2].tolist() == [-1, -1]
+    got, cos = index.search_in_ids(torch.tensor([[0.0, 0.0, 1.0, 0.0]]), torch.tensor([7]))
+    assert dict(zip(got[0].tolist(), cos[0].tolist())) == {0: 0.0, 2: 1.0}
+    top, _ = index.search(torch.tensor([[1.0, 0.9, 0.0, 0.0]]), 2, exclude=torch.tensor([[0, -1]]))
+    assert top[0, 0].item() == 1
+
+
+def test_recommender_modes_return_catalogue_items():
+    model = tiny_model()
+    tokens, mask, codes = catalogue()
+    vec = model.encode_items(tokens, mask)
+    rec = Recommender(model, codes, vec)
+    hist = torch.tensor([[-1, 0, 1], [2, 3, 4]])
+    for mode in ("cobra", "no_fusion"):
+        items, scores = rec.recommend(hist, 5, InferenceParams(mode=mode, beams=6))
+        assert items.shape == (2, 5)
+        valid = items[items >= 0]
+        assert ((valid >= 0) & (valid < 12)).all()
+        assert torch.all(scores[:, :-1] >= scores[:, 1:])
+    items, _ = rec.recommend(hist, 5, InferenceParams(beams=16, exclude_history=True))
+    for row in range(2):
+        assert not set(items[row].tolist()) & set(hist[row][hist[row] >= 0].tolist())
+
+
+def test_cold_start_item_is_retrievable_without_retraining():
+    """An item added after training gets its vector from the encoder and its ID from its
+    codes; if its vector equals the predicted one, BeamFusion ranks it first."""
+    model = tiny_model()
+    tokens, mask, codes = catalogue()
+    vec = model.encode_items(tokens, mask)
+    hist = torch.tensor([[0, 1, 2]])
+    masks = PrefixMasks(codes.numpy(), K)
+    beams = beam_search(model, codes[hist], vec[hist], hist >= 0, masks, beams=4)
+    top_codes, predicted = beams.codes[0, 0], beams.dense[0, 0]
+    # the new item: in the top beam's ID, with a vector equal to the prediction
+    new_codes = torch.cat([codes, top_codes[None]])
+    new_vecs = torch.cat([vec, predicted[None]])
+    rec = Recommender(model, new_codes, new_vecs)
+    items, _ = rec.recommend(hist, 3, InferenceParams(beams=4, psi=50.0))
+    assert items[0, 0].item() == 12
