@@ -37,6 +37,7 @@ class TrainConfig:
     ids: str = field(help="semantic-ID folder of `cobra ids` (sids.parquet)")
     out: str = field(help="run folder: checkpoints/, best/, history.json, curve.png")
     split: str = field("loo", help="split folder under data/splits")
+    items: Optional[str] = field(None, help="items catalogue (default: <data>/items.parquet)")
     epochs: int = field(30, help="max epochs")
     batch_size: int = field(512, help="training windows per step")
     lr: float = field(2e-3, help="AdamW peak learning rate")
@@ -85,3 +86,15 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.split_name not in ("valid", "test"):
             raise ConfigError("split_name must be valid or test")
+
+
+@dataclass
+class RecommendConfig:
+    """``cobra recommend``: top-K items for a history (or for users of a split), with titles."""
+
+    run: str = field(help="run folder of `cobra train`")
+    history: list = field([], help="item ids, oldest first, e.g. history=[12,40,7]")
+    users: int = field(3, help="when no history is given: show this many users of the test split")
+    k: int = field(10, help="items to return")
+    exclude_history: bool = field(False, help="do not recommend items of the history")
+    inference: InferenceConfig = dc_field(default_factory=InferenceConfig)

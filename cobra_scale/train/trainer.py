@@ -64,12 +64,12 @@ def quantizer_codes(ids_dir: str | Path) -> int:
 
 def prepare(cfg: TrainConfig) -> tuple[Catalogue, object]:
     """Tokenizer + catalogue; fills ``cfg.model.levels/codes/vocab_size`` from the data."""
-    data = Path(cfg.data)
-    if not (data / "items.parquet").is_file():
-        raise DataError(f"{data} has no items.parquet (import a dataset with `cobra data ...`)")
+    items = Path(cfg.items) if cfg.items else Path(cfg.data) / "items.parquet"
+    if not items.is_file():
+        raise DataError(f"items catalogue {items} not found (import a dataset with `cobra data ...`)")
     tokenizer = load_tokenizer()
     codes = quantizer_codes(cfg.ids)
-    catalogue = load_catalogue(data / "items.parquet", Path(cfg.ids) / "sids.parquet", tokenizer, cfg.model.text_tokens, codes, cfg.dedup_level)
+    catalogue = load_catalogue(items, Path(cfg.ids) / "sids.parquet", tokenizer, cfg.model.text_tokens, codes, cfg.dedup_level)
     cfg.model.levels = int(catalogue.codes.shape[1])
     cfg.model.codes = codes
     cfg.model.vocab_size = int(tokenizer.vocab_size)

@@ -58,4 +58,4 @@ def test_tiny_dataset_is_learned(data, tmp_path):
 def test_train_cli_bad_paths_are_one_line(tmp_path, capsys):
     rc = main(["train", "--data", str(tmp_path / "none"), "--ids", str(tmp_path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: ") and "items.parquet" in err
+    assert rc == 2 and err.startswith("error: ") and "items catalogue" in err
