@@ -31,7 +31,7 @@ demo: install
 	$(BIN)/cobra ids --items $(DEMO)/raw/items.parquet --out $(DEMO)/ids quantizer.levels=2 quantizer.codes=32
 	$(BIN)/cobra train --data $(DEMO) --items $(DEMO)/raw/items.parquet --ids $(DEMO)/ids --out $(DEMO)/run \
 		--epochs 2 --eval-users 2000 --no-resume model.d_model=64 model.encoder_dim=64 model.text_tokens=24
-	$(BIN)/cobra eval --run $(DEMO)/run --split-name test --exclude-history modes=[cobra,no_fusion]
+	$(BIN)/cobra eval --run $(DEMO)/run --split-name test --exclude-history --max-users 2000 modes=[cobra,no_fusion]
 	$(BIN)/cobra recommend --run $(DEMO)/run --users 2 --k 5
 	@echo "demo outputs under $(DEMO)/"
 

@@ -32,6 +32,14 @@ def run(cfg: EvalConfig) -> dict:
     max_hist = tcfg.model.max_items - 1
     valid = load_examples(split / "valid", catalogue, max_hist)
     target = valid if cfg.split_name == "valid" else load_examples(split / cfg.split_name, catalogue, max_hist)
+    if cfg.max_users:
+        import numpy as np
+        import torch
+
+        for ex in {id(valid): valid, id(target): target}.values():
+            if cfg.max_users < len(ex.targets):
+                pick = np.sort(np.random.default_rng(0).choice(len(ex.targets), cfg.max_users, replace=False))
+                ex.history, ex.targets = ex.history[torch.from_numpy(pick)], [ex.targets[i] for i in pick]
     rec = make_recommender(model, catalogue, device)
     base = inference_params(tcfg.inference)
     modes = list(cfg.modes)
@@ -41,7 +49,7 @@ def run(cfg: EvalConfig) -> dict:
     taus = [float(t) for t in cfg.grid_tau] or [base.tau]
     psis = [float(p) for p in cfg.grid_psi] or [base.psi]
     beam_counts = [int(b) for b in cfg.grid_beams] or [base.beams]
-    results: dict = {"run": str(cfg.run), "split": cfg.split_name, "users": len(target.targets), "modes": {}}
+    results: dict = {"run": str(cfg.run), "split": cfg.split_name, "users": len(target.targets), "sampled": bool(cfg.max_users), "modes": {}}
     for mode in modes:
         grid = list(itertools.product(taus, psis, beam_counts)) if mode == "cobra" else [(base.tau, base.psi, base.beams)]
         best, best_params = None, None

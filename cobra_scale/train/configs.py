@@ -76,6 +76,7 @@ class EvalConfig:
     out: Optional[str] = field(None, help="where to write eval.json (default: the run folder)")
     split_name: str = field("test", help="valid | test")
     batch_users: int = field(256, help="users per inference batch")
+    max_users: int = field(0, help="evaluate a seeded sample of this many users (0 = all; report figures with 0)")
     exclude_history: bool = field(False, help="also mask the user's history items (the papers' protocol does not)")
     grid_tau: list = field([], help="tau values tried on valid (empty = the run's)")
     grid_psi: list = field([], help="psi values tried on valid (empty = the run's)")
