@@ -111,12 +111,13 @@ def test_triton_only_queries_need_grad(triton_contrastive):
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_gpu(tmp_path):
     """What the interpreter does not check: the real compiler (Triton -> PTX -> cubin via
-    the ptxas bundled with triton) for fp32 (d=256, widest tiles) and bf16."""
+    the ptxas bundled with triton): bf16 at d=256 with the mask, fp32 ("ieee") at d=64
+    without. fp32 at d=256 (~20 s more) compiled too when written: <= 107 KiB shared."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     code = (
         "from cobra_kernels.triton_contrastive import compile_ahead_of_time as c\n"
-        "for dim, dtype, mask in [(256, 'fp32', True), (64, 'bf16', False), (256, 'bf16', True)]:\n"
+        "for dim, dtype, mask in [(256, 'bf16', True), (64, 'fp32', False)]:\n"
         "    shared = c(dim, dtype, mask)\n"
         "    assert max(shared.values()) <= 160 * 1024, shared\n"
         "    print(dim, dtype, shared)\n"
