@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = field(0, help="random seed")
     threads: int = field(0, help="torch CPU threads; 0 = all cores")
     device: str = field("auto", help="auto | cpu | cuda")
+    precision: str = field("fp32", help="fp32 | bf16 (autocast; ~1.4x faster on CPUs with AVX512-BF16, standard on GPUs)")
     init_embeddings: bool = field(True, help="initialise token embeddings from all-MiniLM-L6-v2 (PCA-projected)")
     dedup_level: bool = field(False, help="append a code numbering items inside an ID (for the TIGER-like w/o Dense ablation)")
     eval_users: int = field(0, help="validation users per epoch (0 = all)")
@@ -66,6 +67,8 @@ class TrainConfig:
             raise ConfigError("lr must be > 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("device must be auto|cpu|cuda")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError("precision must be fp32 or bf16")
 
 
 @dataclass

@@ -100,10 +100,12 @@ def lr_lambda(warmup: int, total: int):
 # ----------------------------------------------------------------------------- step
 
 
-def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float) -> Losses:
+def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float, precision: str = "fp32") -> Losses:
     """One optimisation step on one batch (the unit the distributed trainer wraps)."""
     model.train()
-    losses = model(batch)
+    device_type = batch.seq.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        losses = model(batch)
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     if grad_clip > 0:
@@ -251,7 +253,7 @@ def run(cfg: TrainConfig) -> dict:
         for i in bar:
             chunk = [windows[j] for j in order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
             batch = batch_to(trim_tokens(collate(chunk, catalogue)), device)
-            losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip)
+            losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, cfg.precision)
             for k in sums:
                 sums[k] += float(getattr(losses, k))
             state["step"] += 1
