@@ -44,7 +44,7 @@ def main() -> None:
         model = copy.deepcopy(base)
         model.dense_loss_impl = impl
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        curves[impl] = [float(train_step(model, batch_to(b, "cpu"), opt, None, 1.0).dense) for b in batches]
+        curves[impl] = [float(train_step(model, batch_to(b, "cpu"), opt, None, 1.0).dense.detach()) for b in batches]
     a, b = curves[args.impls[0]], curves[args.impls[1]]
     diffs = [abs(x - y) for x, y in zip(a, b)]
     rel = [d / abs(x) for d, x in zip(diffs, a)]

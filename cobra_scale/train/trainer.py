@@ -255,9 +255,9 @@ def run(cfg: TrainConfig) -> dict:
             batch = batch_to(trim_tokens(collate(chunk, catalogue)), device)
             losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, cfg.precision)
             for k in sums:
-                sums[k] += float(getattr(losses, k))
+                sums[k] += float(getattr(losses, k).detach())
             state["step"] += 1
-            bar.set_postfix(sparse=f"{float(losses.sparse):.3f}", dense=f"{float(losses.dense):.3f}")
+            bar.set_postfix(sparse=f"{float(losses.sparse.detach()):.3f}", dense=f"{float(losses.dense.detach()):.3f}")
         record = {"epoch": epoch, "step": state["step"], **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
                   "temperature": float(model.temperature), "elapsed_s": round(time.perf_counter() - started, 1)}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
