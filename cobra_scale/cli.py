@@ -41,6 +41,9 @@ COMMANDS: dict[str | None, dict[str, Command]] = {
         "split": Command("cobra_scale.data.configs:SplitConfig", "cobra_scale.data.split:run"),
         "validate": Command("cobra_scale.data.configs:ValidateConfig", "cobra_scale.data.validate:run"),
     },
+    "baseline": {
+        "sasrec": Command("cobra_scale.baselines.configs:SASRecConfig", "cobra_scale.baselines.sasrec:run"),
+    },
     None: {
         "ids": Command("cobra_scale.semantic_ids.configs:IdsConfig", "cobra_scale.semantic_ids.assign:run"),
         "train": Command("cobra_scale.train.configs:TrainConfig", "cobra_scale.train.trainer:run"),

@@ -23,6 +23,7 @@ class SASRecConfig:
     ffn_dim: Optional[int] = field(None, help="feed-forward width; None = d_model (as in SASRec)")
     dropout: float = field(0.5, help="dropout on embeddings, attention weights, and block outputs")
     norm: str = field("pre", help="'pre' (LayerNorm before each sub-layer, final LayerNorm) or 'post' (after each residual)")
+    scale_embeddings: bool = field(True, help="multiply input item embeddings by sqrt(d_model) (as in SASRec)")
     max_history: int = field(20, help="history items a prediction sees (training windows and evaluation)")
     # optimisation
     lr: float = field(1e-3, help="Adam learning rate")

@@ -107,6 +107,7 @@ class SASRecShape:
     dropout: float = 0.5
     max_len: int = 20
     norm: str = "pre"
+    scale_embeddings: bool = True  # item embeddings * sqrt(d_model) at the input, as in SASRec
 
 
 class SASRec(nn.Module):
@@ -146,7 +147,8 @@ class SASRec(nn.Module):
         real = idx > 0  # (B, T)
         # left padding: the last position of the window is always position max_len - 1
         pos = torch.arange(self.shape.max_len - t, self.shape.max_len, device=idx.device)
-        x = self.item_emb(idx) * math.sqrt(self.shape.d_model) + self.pos_emb(pos)  # (B, T, C)
+        scale = math.sqrt(self.shape.d_model) if self.shape.scale_embeddings else 1.0
+        x = self.item_emb(idx) * scale + self.pos_emb(pos)  # (B, T, C)
         x = self.emb_drop(x) * real.unsqueeze(-1)
         eye = torch.eye(t, dtype=torch.bool, device=idx.device)
         causal = torch.ones(t, t, dtype=torch.bool, device=idx.device).tril()
@@ -361,7 +363,7 @@ def run(cfg: SASRecConfig) -> dict:
     log.info("catalogue %d items; train %d sequences -> %d windows, %d targets; valid %d, test %d rows",
              len(catalogue), train_table.num_rows, len(inputs), n_targets, len(valid.targets), len(test.targets))
 
-    shape = SASRecShape(len(catalogue), cfg.d_model, cfg.heads, cfg.blocks, cfg.ffn_dim or cfg.d_model, cfg.dropout, cfg.max_history, cfg.norm)
+    shape = SASRecShape(len(catalogue), cfg.d_model, cfg.heads, cfg.blocks, cfg.ffn_dim or cfg.d_model, cfg.dropout, cfg.max_history, cfg.norm, cfg.scale_embeddings)
     model = SASRec(shape).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
