@@ -259,7 +259,7 @@ def run(cfg: TrainConfig) -> dict:
             state["step"] += 1
             bar.set_postfix(sparse=f"{float(losses.sparse.detach()):.3f}", dense=f"{float(losses.dense.detach()):.3f}")
         record = {"epoch": epoch, "step": state["step"], **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
-                  "temperature": float(model.temperature), "elapsed_s": round(time.perf_counter() - started, 1)}
+                  "temperature": float(model.temperature.detach()), "elapsed_s": round(time.perf_counter() - started, 1)}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             from cobra_scale.eval.offline import evaluate
 
