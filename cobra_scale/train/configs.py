@@ -85,7 +85,6 @@ class EvalConfig:
     grid_psi: list = field([], help="psi values tried on valid (empty = the run's)")
     grid_beams: list = field([], help="beam counts tried on valid (empty = the run's)")
     modes: list = field(["cobra"], help="inference modes to report")
-    inference: InferenceConfig = dc_field(default_factory=InferenceConfig)
 
     def __post_init__(self) -> None:
         if self.split_name not in ("valid", "test"):
