@@ -19,4 +19,4 @@ def test_bench_prints_one_row_per_case():
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["impl"] for r in rows] == ["tiled"]
     for row in rows:
-        assert row["B"] == 64 and row["d"] == 8 and row["peak_mib"] >= 0 and row["time_s"] > 0, row
+        assert row["B"] == 64 and row["d"] == 8 and row["peak_mib"] >= 0 and row["time_s"] >= 0, row  # a tiny case can round to 0.0 s
