@@ -24,6 +24,7 @@ import html
 import json
 import logging
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -38,39 +39,43 @@ from cobra_scale.errors import DataError
 log = logging.getLogger(__name__)
 
 
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line_number, line)`` of a UTF-8 text file; read errors become one-line DataErrors."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            yield from enumerate(fh, 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+
+
 def read_items_jsonl(path: Path) -> tuple[pa.Table, int]:
     """Parse ``items.jsonl`` into an ITEMS_SCHEMA table; returns ``(table, n_unescaped_titles)``."""
     ids, titles, cats = [], [], []
     unescaped = 0
-    try:
-        fh = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    with fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            item_id = rec.get("item_id")
-            if not isinstance(item_id, int) or isinstance(item_id, bool) or item_id < 0:
-                raise DataError(f"{path}:{lineno}: item_id must be a non-negative integer, got {item_id!r}")
-            title = rec.get("title")
-            if not isinstance(title, str) or not title.strip():
-                raise DataError(f"{path}:{lineno}: item {item_id} has no title")
-            clean = html.unescape(title).strip()
-            unescaped += clean != title.strip()
-            raw_cats = rec.get("categories") or []
-            if not isinstance(raw_cats, list) or not all(isinstance(c, list) for c in raw_cats):
-                raise DataError(f"{path}:{lineno}: categories must be a list of lists of strings")
-            paths = [" > ".join(html.unescape(str(x)) for x in c) for c in raw_cats if c]
-            ids.append(item_id)
-            titles.append(clean)
-            cats.append(paths or None)
+    for lineno, line in _numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object")
+        item_id = rec.get("item_id")
+        if not isinstance(item_id, int) or isinstance(item_id, bool) or item_id < 0:
+            raise DataError(f"{path}:{lineno}: item_id must be a non-negative integer, got {item_id!r}")
+        title = rec.get("title")
+        if not isinstance(title, str) or not title.strip():
+            raise DataError(f"{path}:{lineno}: item {item_id} has no title")
+        clean = html.unescape(title).strip()
+        unescaped += clean != title.strip()
+        raw_cats = rec.get("categories") or []
+        if not isinstance(raw_cats, list) or not all(isinstance(c, list) for c in raw_cats):
+            raise DataError(f"{path}:{lineno}: categories must be a list of lists of strings")
+        paths = [" > ".join(html.unescape(str(x)) for x in c) for c in raw_cats if c]
+        ids.append(item_id)
+        titles.append(clean)
+        cats.append(paths or None)
     if not ids:
         raise DataError(f"{path}: no items")
     id_arr = np.asarray(ids, dtype=np.int64)
@@ -97,26 +102,21 @@ def read_sequences_txt(path: Path) -> pa.Table:
     users: list[int] = []
     lengths: list[int] = []
     values: list[np.ndarray] = []
-    try:
-        fh = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    with fh:
-        for lineno, line in enumerate(fh, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            try:
-                nums = np.asarray([int(x) for x in fields], dtype=np.int64)
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: ids must be integers") from None
-            if (nums < 0).any():
-                raise DataError(f"{path}:{lineno}: negative id")
-            if len(nums) < 2:
-                raise DataError(f"{path}:{lineno}: user {nums[0]} has no items")
-            users.append(int(nums[0]))
-            lengths.append(len(nums) - 1)
-            values.append(nums[1:])
+    for lineno, line in _numbered_lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            nums = np.asarray([int(x) for x in fields], dtype=np.int64)
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: ids must be integers") from None
+        if (nums < 0).any():
+            raise DataError(f"{path}:{lineno}: negative id")
+        if len(nums) < 2:
+            raise DataError(f"{path}:{lineno}: user {nums[0]} has no items")
+        users.append(int(nums[0]))
+        lengths.append(len(nums) - 1)
+        values.append(nums[1:])
     if not users:
         raise DataError(f"{path}: no users")
     user_arr = np.asarray(users, dtype=np.int64)

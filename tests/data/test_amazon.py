@@ -93,3 +93,10 @@ def test_real_beauty_counts(tmp_path):
     assert report["loo_users"] == 22_363
     titles = pq.read_table(tmp_path / "items.parquet", columns=["title"]).column("title").to_pylist()
     assert not any("&amp;" in t or "&quot;" in t for t in titles)
+
+
+def test_undecodable_file_is_one_line_error(tmp_path):
+    src = make_src(tmp_path)
+    (src / "sequences.txt").write_bytes(b"1 1 2\n\xff\xfe\xfa 3\n")
+    with pytest.raises(DataError, match="cannot read .*sequences.txt"):
+        run(load_config(AmazonConfig, dotlist=[f"src={src}", f"out={tmp_path / 'out'}"]))
