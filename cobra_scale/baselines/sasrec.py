@@ -49,7 +49,8 @@ from tqdm import tqdm
 from cobra_scale.baselines.configs import SASRecConfig
 from cobra_scale.config import save_config
 from cobra_scale.data.io import read_table
-from cobra_scale.errors import ConfigError, DataError
+from cobra_scale.errors import DataError
+from cobra_scale.devices import pick_device
 from cobra_scale.eval.metrics import MetricAccumulator, topk_with_exclusion
 
 log = logging.getLogger(__name__)
@@ -308,14 +309,6 @@ def _tqdm_kwargs() -> dict[str, Any]:
     return {} if sys.stderr.isatty() else {"mininterval": 30.0}
 
 
-def _pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is visible")
-    return device
-
-
 def save_model(model: SASRec, catalogue_ids: np.ndarray, out: Path) -> None:
     from safetensors.torch import save_file
 
@@ -346,7 +339,7 @@ def run(cfg: SASRecConfig) -> dict:
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    device = _pick_device(cfg.device)
+    device = pick_device(cfg.device)
     data, split = Path(cfg.data), Path(cfg.data) / "splits" / cfg.split
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

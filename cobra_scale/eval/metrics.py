@@ -150,17 +150,16 @@ def topk_with_exclusion(
     if scores.ndim != 2:
         raise ValueError(f"scores must be (U, N), got shape {tuple(scores.shape)}")
     if exclude is not None:
-        if not inplace:
-            scores = scores.clone()
         n_rows = scores.shape[0]
         if isinstance(exclude, torch.Tensor):
             if exclude.ndim != 2 or exclude.shape[0] != n_rows:
                 raise ValueError(f"exclude must be (U, H) with U={n_rows}, got shape {tuple(exclude.shape)}")
-            idx = exclude.to(scores.device, torch.long)
-            rows = torch.arange(n_rows, device=scores.device).unsqueeze(1).expand_as(idx)
-            keep = idx >= 0
-            scores[rows[keep], idx[keep]] = float("-inf")
+            from cobra_scale.retrieve.exact import mask_items
+
+            scores = mask_items(scores, exclude, inplace=inplace)
         else:
+            if not inplace:
+                scores = scores.clone()
             if len(exclude) != n_rows:
                 raise ValueError(f"exclude has {len(exclude)} rows, scores {n_rows}")
             cols = [torch.as_tensor(np.asarray(e, dtype=np.int64) if not isinstance(e, torch.Tensor) else e, dtype=torch.long).reshape(-1) for e in exclude]

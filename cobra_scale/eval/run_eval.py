@@ -30,16 +30,8 @@ def run(cfg: EvalConfig) -> dict:
     model, catalogue, tcfg, device = load_run(cfg.run)
     split = Path(tcfg.data) / "splits" / tcfg.split
     max_hist = tcfg.model.max_items - 1
-    valid = load_examples(split / "valid", catalogue, max_hist)
-    target = valid if cfg.split_name == "valid" else load_examples(split / cfg.split_name, catalogue, max_hist)
-    if cfg.max_users:
-        import numpy as np
-        import torch
-
-        for ex in {id(valid): valid, id(target): target}.values():
-            if cfg.max_users < len(ex.targets):
-                pick = np.sort(np.random.default_rng(0).choice(len(ex.targets), cfg.max_users, replace=False))
-                ex.history, ex.targets = ex.history[torch.from_numpy(pick)], [ex.targets[i] for i in pick]
+    valid = load_examples(split / "valid", catalogue, max_hist).sample(cfg.max_users)
+    target = valid if cfg.split_name == "valid" else load_examples(split / cfg.split_name, catalogue, max_hist).sample(cfg.max_users)
     rec = make_recommender(model, catalogue, device)
     base = inference_params(tcfg.inference)
     modes = list(cfg.modes)

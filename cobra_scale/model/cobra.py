@@ -55,12 +55,8 @@ def dense_contrastive_loss(pred, keys, positives, temperature, query_item_ids, k
     ``pred`` (P, d), ``keys`` (U, d), ``positives`` (P,) -> mean loss. Routed through the
     kernel dispatcher of ``cobra_kernels`` (reference / tiled / Triton).
     """
-    try:
-        from cobra_kernels import cosine_contrastive_loss
-    except ImportError:  # kernels package without the dispatcher: the reference is the spec
-        from cobra_kernels.reference import cosine_contrastive_loss_reference as ref
+    from cobra_kernels import cosine_contrastive_loss
 
-        return ref(pred, keys, positives, temperature, query_item_ids, key_item_ids)
     return cosine_contrastive_loss(pred, keys, positives, temperature, query_item_ids, key_item_ids, impl=impl)
 
 

@@ -58,15 +58,16 @@ class ExactIdIndex:
         """
         cos = F.normalize(queries.float(), dim=-1) @ self.vectors.T  # (Q, N)
         if exclude is not None:
-            cos = mask_items(cos, exclude)
+            cos = mask_items(cos, exclude, inplace=True)  # cos is a fresh (Q, N) product
         scores, items = cos.topk(min(k, cos.shape[1]), dim=-1)
         return items, scores
 
 
-def mask_items(scores: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+def mask_items(scores: torch.Tensor, exclude: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """Set ``scores[q, exclude[q, j]]`` to -inf for every non-negative entry of ``exclude`` (Q, H)."""
+    exclude = exclude.to(scores.device, torch.long)
     rows = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(exclude)
     keep = exclude >= 0
-    out = scores.clone()
+    out = scores if inplace else scores.clone()
     out[rows[keep], exclude[keep]] = float("-inf")
     return out

@@ -18,7 +18,7 @@ import torch
 
 from cobra_scale.model.beam import PrefixMasks, beam_fusion, beam_search
 from cobra_scale.model.cobra import CobraModel
-from cobra_scale.retrieve.exact import ExactIdIndex, mask_items
+from cobra_scale.retrieve.exact import ExactIdIndex
 
 MODES = ("cobra", "no_fusion", "dense_only", "sparse_only")
 
@@ -118,4 +118,4 @@ def _topk_padded(items: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[tor
     return chosen.masked_fill(~torch.isfinite(top), -1), top
 
 
-__all__ = ["InferenceParams", "MODES", "Recommender", "mask_items"]
+__all__ = ["InferenceParams", "MODES", "Recommender"]

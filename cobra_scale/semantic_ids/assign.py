@@ -123,7 +123,7 @@ class Quantizer:
 
 def fit_quantizer(vectors: np.ndarray, qcfg: QuantizerConfig) -> tuple[Quantizer, np.ndarray, np.ndarray, dict]:
     """Fit the configured quantiser; returns it with the training items' codes and reconstructions."""
-    from cobra_scale.semantic_ids.embed import pick_device
+    from cobra_scale.devices import pick_device
 
     if vectors.ndim != 2 or not np.isfinite(vectors).all():
         bad = int((~np.isfinite(vectors)).any(axis=-1).sum()) if vectors.ndim == 2 else -1

@@ -22,6 +22,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from cobra_scale.data.schemas import item_texts
+from cobra_scale.devices import pick_device
 from cobra_scale.errors import ConfigError, DataError
 from cobra_scale.semantic_ids.configs import EmbedConfig
 
@@ -40,16 +41,6 @@ def resolve_model_path(model_path: str | None) -> str:
     if not (path / "config.json").is_file():
         raise ConfigError(f"embed.model_path {path} is not a local Hugging Face model folder (no config.json); models are never downloaded")
     return str(path)
-
-
-def pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is visible")
-    return device
 
 
 class TextEmbedder:
@@ -183,12 +174,10 @@ def _embed_ray(texts: list[str], cfg: EmbedConfig) -> np.ndarray:
         compute=ray.data.ActorPoolStrategy(size=cfg.ray_actors),
         num_cpus=0.5,
     )
-    dim = None
     result: np.ndarray | None = None
     for batch in tqdm(out.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"), desc="embed items (ray)", unit="batch"):
         if result is None:
-            dim = batch["embedding"].shape[1]
-            result = np.zeros((len(texts), dim), dtype=np.float32)
+            result = np.zeros((len(texts), batch["embedding"].shape[1]), dtype=np.float32)
         result[batch["row"]] = batch["embedding"]
     assert result is not None
     return result

@@ -92,7 +92,11 @@ def load_catalogue(items_path: str | Path, sids_path: str | Path, tokenizer, tex
 
 def read_sequences(path: str | Path, catalogue: Catalogue, column: str = "item_ids") -> list[np.ndarray]:
     """Per-user arrays of catalogue indices from a sequences table (unknown items dropped)."""
-    table = read_table(path, columns=["user_id", column])
+    return _list_indices(read_table(path, columns=["user_id", column]), column, catalogue, path)
+
+
+def _list_indices(table, column: str, catalogue: Catalogue, path: str | Path) -> list[np.ndarray]:
+    """The list column ``column`` of ``table`` as per-row arrays of catalogue indices."""
     col = table.column(column).combine_chunks()
     offsets = np.asarray(col.offsets)
     idx = catalogue.index_of(np.asarray(col.values, dtype=np.int64)[offsets[0] : offsets[-1]])
@@ -129,12 +133,19 @@ class EvalSet:
     targets: list[np.ndarray]  # per user, catalogue indices of the target(s)
     user_ids: np.ndarray
 
+    def sample(self, n: int, seed: int = 0) -> "EvalSet":
+        """A seeded sample of ``n`` users (in their original order); all users if ``n`` is 0 or larger."""
+        if not n or n >= len(self.targets):
+            return self
+        pick = np.sort(np.random.default_rng(seed).choice(len(self.targets), n, replace=False))
+        return EvalSet(self.history[torch.from_numpy(pick)], [self.targets[i] for i in pick], self.user_ids[pick])
+
 
 def load_examples(path: str | Path, catalogue: Catalogue, max_history: int) -> EvalSet:
     """Validation/test rows (history -> targets) as left-padded index tensors."""
     table = read_table(path, columns=["user_id", "history", "targets"])
-    hist = read_sequences(path, catalogue, "history")
-    targets = read_sequences(path, catalogue, "targets")
+    hist = _list_indices(table, "history", catalogue, path)
+    targets = _list_indices(table, "targets", catalogue, path)
     history = torch.full((len(hist), max_history), -1, dtype=torch.long)
     for row, h in enumerate(hist):
         h = h[-max_history:]

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from cobra_scale.config import load_config, save_config
+from cobra_scale.devices import pick_device
 from cobra_scale.errors import CobraError, DataError
 from cobra_scale.model.cobra import Batch, CobraModel, Losses
 from cobra_scale.retrieve.recommender import InferenceParams, Recommender
@@ -45,14 +46,6 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- building
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CobraError("device=cuda but no CUDA device is visible")
-    return torch.device(device)
 
 
 def quantizer_codes(ids_dir: str | Path) -> int:
@@ -165,7 +158,7 @@ def load_run(run: str | Path, device: str = "auto") -> tuple[CobraModel, Catalog
         raise CobraError(f"{run} has no best/model.safetensors (train first with `cobra train`)")
     cfg = load_config(TrainConfig, run / "config.yaml")
     catalogue, _ = prepare(cfg)
-    dev = pick_device(device)
+    dev = torch.device(pick_device(device))
     model = CobraModel(cfg.model).to(dev)
     load_weights(model, run / "best")
     return model.eval(), catalogue, cfg, dev
@@ -202,7 +195,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = torch.device(pick_device(cfg.device))
     out = Path(cfg.out)
     catalogue, _ = prepare(cfg)
     split = Path(cfg.data) / "splits" / cfg.split
@@ -212,11 +205,7 @@ def run(cfg: TrainConfig) -> dict:
     windows = training_windows(read_sequences(split / "train", catalogue), cfg.model.max_items)
     if not windows:
         raise DataError(f"{split / 'train'} holds no sequence of 2+ items")
-    valid = load_examples(split / "valid", catalogue, cfg.model.max_items - 1)
-    if cfg.eval_users and cfg.eval_users < len(valid.targets):
-        pick = np.random.default_rng(cfg.seed).choice(len(valid.targets), cfg.eval_users, replace=False)
-        pick.sort()
-        valid.history, valid.targets = valid.history[torch.from_numpy(pick)], [valid.targets[i] for i in pick]
+    valid = load_examples(split / "valid", catalogue, cfg.model.max_items - 1).sample(cfg.eval_users, cfg.seed)
     save_config(cfg, out)
 
     model = CobraModel(cfg.model).to(device)
@@ -307,12 +296,9 @@ def _save_last(model, optimizer, scheduler, state: dict, folder: Path) -> None:
 
 
 def _dense_impl_name(impl: str, device: torch.device) -> str:
-    try:
-        from cobra_kernels import resolve_impl
+    from cobra_kernels import resolve_impl
 
-        return resolve_impl(impl, device)
-    except ImportError:
-        return "reference"
+    return resolve_impl(impl, device)
 
 
 def _fmt(record: dict) -> str:
