@@ -48,6 +48,7 @@ COMMANDS: dict[str | None, dict[str, Command]] = {
         "ids": Command("cobra_scale.semantic_ids.configs:IdsConfig", "cobra_scale.semantic_ids.assign:run"),
         "train": Command("cobra_scale.train.configs:TrainConfig", "cobra_scale.train.trainer:run"),
         "eval": Command("cobra_scale.train.configs:EvalConfig", "cobra_scale.eval.run_eval:run"),
+        "coldstart": Command("cobra_scale.eval.configs:ColdStartConfig", "cobra_scale.eval.cold_start:run"),
         "recommend": Command("cobra_scale.train.configs:RecommendConfig", "cobra_scale.retrieve.recommend_cli:run"),
     },
 }

@@ -92,14 +92,22 @@ class SplitConfig:
 
     sequences: str = field(help="sequences folder or file (Parquet)")
     out: str = field(help="output folder: train/, valid/, test/")
-    kind: str = field("loo", help="'loo' (leave-one-out, public benchmarks) or 'time' (train days 1..D, test D+1)")
+    kind: str = field(
+        "loo",
+        help="'loo' (leave-one-out, public benchmarks), 'loo_cold' (leave-one-out with cold-start items held out of "
+        "training) or 'time' (train days 1..D, test D+1)",
+    )
     max_history: int = field(20, help="histories are truncated to the last N items")
+    cold_fraction: float = field(0.05, help="loo_cold: fraction of the test-target items made cold-start items")
+    seed: int = field(0, help="loo_cold: seed of the cold-start item draw")
     test_day: Optional[str] = field(None, help="time split: the test day (default: the last day present)")
     valid_day: Optional[str] = field(None, help="time split: the validation day (default: the day before test_day)")
 
     def __post_init__(self) -> None:
-        if self.kind not in ("loo", "time"):
-            raise ConfigError(f"kind must be 'loo' or 'time', got '{self.kind}'")
+        if self.kind not in ("loo", "loo_cold", "time"):
+            raise ConfigError(f"kind must be 'loo', 'loo_cold' or 'time', got '{self.kind}'")
+        if not 0 < self.cold_fraction < 1:
+            raise ConfigError(f"cold_fraction must be in (0, 1), got {self.cold_fraction}")
         _positive("max_history", self.max_history)
         _date("test_day", self.test_day)
         _date("valid_day", self.valid_day)

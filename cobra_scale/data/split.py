@@ -5,6 +5,13 @@ Two protocols:
 * **Leave-one-out** (``kind="loo"``, the public benchmarks' protocol): per user, the last
   item is the test target, the second-to-last the validation target, the rest is
   training. Users with fewer than 3 items are dropped (and counted).
+* **Leave-one-out with cold-start items** (``kind="loo_cold"``): a seeded fraction of the
+  items that are some user's test target become *cold-start items*: every interaction
+  with them is removed from the sequences except where one is a user's last item (a
+  test target), then leave-one-out runs on what is left. Cold items never reach
+  training or validation (their text and IDs are known, their interactions are not);
+  ``cold_items.parquet`` lists them, and test rows whose target is cold form the
+  cold-start segment.
 * **Time split** (``kind="time"``, the paper's industrial setup): events before
   ``valid_day`` are training; the validation rows predict the items of ``valid_day``
   from the history before it; the test rows predict the items of ``test_day`` from the
@@ -136,6 +143,49 @@ def split_loo(table: pa.Table, max_history: int) -> tuple[pa.Table, pa.Table, pa
     return train, examples(ends - 2), examples(ends - 1), counts
 
 
+def remove_cold(table: pa.Table, cold: np.ndarray) -> tuple[pa.Table, int]:
+    """Drop the items in ``cold`` (sorted ids) from every position but the last of each row.
+
+    Returns the filtered sequences table and the number of interactions removed.
+    """
+    items, offsets, _ = _list_parts(table.column("item_ids"))
+    has_ts = table.column("timestamps").null_count < table.num_rows
+    is_last = np.zeros(len(items), dtype=bool)
+    nonempty = np.diff(offsets) > 0
+    is_last[offsets[1:][nonempty] - 1] = True
+    pos = np.searchsorted(cold, items).clip(max=max(len(cold) - 1, 0))
+    is_cold = (cold[pos] == items) if len(cold) else np.zeros(len(items), dtype=bool)
+    keep = ~is_cold | is_last
+    rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    new_offsets = np.zeros(len(offsets), dtype=np.int64)
+    np.cumsum(np.bincount(rows[keep], minlength=len(offsets) - 1), out=new_offsets[1:])
+    cols = {"user_id": table.column("user_id"), "item_ids": _list_array(items[keep], new_offsets)}
+    if has_ts:
+        ts, _, _ = _list_parts(table.column("timestamps"))
+        cols["timestamps"] = _list_array(ts[keep], new_offsets)
+    else:
+        cols["timestamps"] = pa.nulls(table.num_rows, pa.list_(pa.int64()))
+    return pa.table(cols, schema=SEQUENCES_SCHEMA), int((~keep).sum())
+
+
+def draw_cold_items(files: list[Path], fraction: float, seed: int) -> tuple[np.ndarray, int]:
+    """A seeded ``fraction`` of the distinct last items (test targets) of all sequences.
+
+    Returns ``(cold item ids sorted, number of distinct test-target items)``.
+    """
+    last = []
+    for f in files:
+        items, offsets, _ = _list_parts(open_parquet(f).read(columns=["item_ids"]).column("item_ids"))
+        lengths = np.diff(offsets)
+        last.append(items[offsets[1:][lengths >= 3] - 1])
+    targets = np.unique(np.concatenate(last)) if last else np.zeros(0, np.int64)
+    n = int(round(fraction * len(targets)))
+    if n == 0:
+        raise DataError(f"cold_fraction={fraction} of {len(targets)} test-target items selects no cold-start item")
+    pick = np.random.default_rng(seed).choice(len(targets), n, replace=False)
+    return np.sort(targets[pick]), len(targets)
+
+
 def split_time(table: pa.Table, max_history: int, valid_start: int, test_start: int) -> tuple[pa.Table, pa.Table, pa.Table, dict]:
     """Time split of a sequences table at Unix-second boundaries.
 
@@ -246,9 +296,15 @@ def split_files(cfg: SplitConfig) -> dict:
     out = Path(cfg.out)
     totals: dict[str, int] = {}
     extra: dict[str, str] = {}
+    cold = None
     if cfg.kind == "time":
         valid_day, test_day = _time_bounds(files, cfg)
         extra = {"valid_day": valid_day, "test_day": test_day}
+    elif cfg.kind == "loo_cold":
+        cold, n_targets = draw_cold_items(files, cfg.cold_fraction, cfg.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        write_table(pa.table({"item_id": pa.array(cold, pa.int64())}), out / "cold_items.parquet")
+        totals = {"test_target_items": n_targets, "cold_items": len(cold)}
     for index, f in enumerate(tqdm(files, desc=f"split ({cfg.kind})", unit="shard", disable=len(files) < 2)):
         table = open_parquet(f).read()
         from cobra_scale.data.validate import check_sequences_table
@@ -256,6 +312,12 @@ def split_files(cfg: SplitConfig) -> dict:
         table = check_sequences_table(table, f)
         if cfg.kind == "loo":
             train, valid, test, counts = split_loo(table, cfg.max_history)
+        elif cfg.kind == "loo_cold":
+            table, removed = remove_cold(table, cold)
+            train, valid, test, counts = split_loo(table, cfg.max_history)
+            tgt, _, _ = _list_parts(test.column("targets"))
+            pos = np.searchsorted(cold, tgt).clip(max=len(cold) - 1)
+            counts = {**counts, "cold_interactions_removed": removed, "test_users_cold_target": int((cold[pos] == tgt).sum())}
         else:
             train, valid, test, counts = split_time(table, cfg.max_history, day_start(extra["valid_day"]), day_start(extra["test_day"]))
         for name, part in (("train", train), ("valid", valid), ("test", test)):

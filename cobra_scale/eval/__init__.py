@@ -1,5 +1,5 @@
-"""Offline evaluation: top-K ranking metrics over full-catalogue rankings."""
+"""Offline evaluation: top-K ranking metrics over full-catalogue rankings.
 
-from cobra_scale.eval.metrics import MetricAccumulator, metric_names, rank_metrics, topk_with_exclusion
-
-__all__ = ["MetricAccumulator", "metric_names", "rank_metrics", "topk_with_exclusion"]
+Kept import-light (no torch at package import) so that ``cobra <command> --help`` stays
+fast; import the submodules (``metrics``, ``offline``, ``run_eval``, ``cold_start``) directly.
+"""

@@ -86,11 +86,10 @@ def beam_search(
     pos_beam = pos.repeat_interleave(m)
     for level in range(1, L):
         flat_codes = seqs[:, :, -1].reshape(-1)
-        hb, cache = model.step_code(cache, level - 1, flat_codes, pos_beam)
-        prefix = torch.zeros_like(flat_codes)
-        for j in range(level):
-            prefix = prefix * K + seqs[:, :, j].reshape(-1)
-        lp = model.code_logprobs(hb, level).masked_fill(~masks.mask(level, prefix), NEG).view(b, m, K)
+        before = _pack(seqs[:, :, : level - 1].reshape(b * m, level - 1), K)  # codes < level-1
+        hb, cache = model.step_code(cache, level - 1, flat_codes, pos_beam, before)
+        prefix = before * K + flat_codes
+        lp = model.code_logprobs(hb, level, prefix).masked_fill(~masks.mask(level, prefix), NEG).view(b, m, K)
         total = (scores[:, :, None] + lp).view(b, m * K)  # (B, M*K)
         m_new = min(beams, m * K)
         scores, flat = total.topk(m_new, dim=-1)
@@ -102,7 +101,7 @@ def beam_search(
         m = m_new
     dense = None
     if with_dense and model.cfg.use_dense:
-        hb, _ = model.step_code(cache, L - 1, seqs[:, :, -1].reshape(-1), pos_beam)
+        hb, _ = model.step_code(cache, L - 1, seqs[:, :, -1].reshape(-1), pos_beam, _pack(seqs[:, :, : L - 1].reshape(b * m, L - 1), K))
         dense = model.dense_prediction(hb).view(b, m, -1)
     ok = torch.isfinite(scores)
     seqs = seqs.masked_fill(~ok[:, :, None], 0)
@@ -128,11 +127,19 @@ def greedy_decode(model: CobraModel, codes: torch.Tensor, vectors: torch.Tensor 
             # re-read the whole history plus the codes chosen so far, no cache
             _, cache, _ = model.start(codes, vectors, valid)
             for j in range(level):
-                h, cache = model.step_code(cache, j, out[:, j], pos)
-        lp = model.code_logprobs(h, level).masked_fill(~masks.mask(level, prefix), NEG)
+                h, cache = model.step_code(cache, j, out[:, j], pos, _pack(out[:, :j], K))
+        lp = model.code_logprobs(h, level, prefix).masked_fill(~masks.mask(level, prefix), NEG)
         out[:, level] = lp.argmax(-1)
         prefix = prefix * K + out[:, level]
     return out
+
+
+def _pack(codes: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, l) codes -> (N,) packed prefix (0 for l = 0)."""
+    packed = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
+    for j in range(codes.shape[1]):
+        packed = packed * k + codes[:, j]
+    return packed
 
 
 def beam_fusion(

@@ -68,6 +68,18 @@ class CobraModel(nn.Module):
         self.tokens_per_item = (L if cfg.use_sparse else 0) + (1 if cfg.use_dense else 0)
         self.encoder = ItemTextEncoder(cfg.vocab_size, cfg.encoder_dim, cfg.encoder_layers, cfg.encoder_heads, cfg.text_tokens, d, cfg.dropout, cfg.attention_dropout)
         self.code_emb = nn.ModuleList(nn.Embedding(cfg.codes, d) for _ in range(L))
+        # One row per node of the ID trie (code + its prefix), shared by the input tokens and
+        # the code heads (tied, as SASRec ties its item table): the shared per-level table
+        # alone cannot tell code 5 under prefix (3,) from code 5 under (7,). Zero-initialised,
+        # so an ID never seen in training (cold start) falls back to the per-level tables.
+        self.prefix_emb = (
+            nn.ModuleList(nn.Embedding(min(cfg.codes ** (level + 1), cfg.prefix_rows), d) for level in range(L))
+            if cfg.prefix_embeddings and cfg.use_sparse
+            else None
+        )
+        if self.prefix_emb is not None:
+            for table in self.prefix_emb:
+                nn.init.zeros_(table.weight)
         self.type_emb = nn.Embedding(L + 1, d)  # levels 0..L-1, then "dense"
         self.pos_emb = nn.Embedding(cfg.max_items, d)
         self.dense_in = nn.Linear(d, d)
@@ -84,6 +96,26 @@ class CobraModel(nn.Module):
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp().clamp(min=1e-3)
 
+    def prefix_rows(self, level: int, packed: torch.Tensor) -> torch.Tensor:
+        """Rows of ``prefix_emb[level]`` for IDs packed over codes 0..level (any shape)."""
+        rows = self.prefix_emb[level].num_embeddings
+        if self.cfg.codes ** (level + 1) <= rows:
+            return packed
+        return torch.remainder(packed * 2654435761, rows)  # multiplicative hash of deep tries
+
+    def code_logits(self, h: torch.Tensor, level: int, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """(P, d) hidden states -> (P, K) logits of the code of ``level``.
+
+        ``prefix`` (P,) packs the codes of levels < ``level`` (needed with prefix embeddings).
+        """
+        logits = self.code_heads[level](h)
+        if self.prefix_emb is not None:
+            k = self.cfg.codes
+            base = prefix if prefix is not None else torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+            nodes = self.prefix_rows(level, base[:, None] * k + torch.arange(k, device=h.device))  # (P, K)
+            logits = logits + torch.einsum("pd,pkd->pk", h, self.prefix_emb[level](nodes).to(h.dtype))
+        return logits
+
     def encode_items(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Dense vectors (U, d) of items from their text tokens (U, Tt)."""
         return self.encoder(tokens, mask)
@@ -94,8 +126,14 @@ class CobraModel(nn.Module):
         parts = []
         pos = self.pos_emb(positions.clamp(0, self.cfg.max_items - 1))  # (B, S, d)
         if self.cfg.use_sparse:
+            codes = codes.clamp(min=0)
+            packed = torch.zeros_like(codes[..., 0])
             for level in range(self.cfg.levels):
-                parts.append(self.code_emb[level](codes[..., level].clamp(min=0)) + self.type_emb.weight[level] + pos)
+                packed = packed * self.cfg.codes + codes[..., level]
+                emb = self.code_emb[level](codes[..., level]) + self.type_emb.weight[level] + pos
+                if self.prefix_emb is not None:
+                    emb = emb + self.prefix_emb[level](self.prefix_rows(level, packed))
+                parts.append(emb)
         if self.cfg.use_dense:
             assert vectors is not None
             parts.append(self.dense_in(vectors) + self.type_emb.weight[self.cfg.levels] + pos)
@@ -131,8 +169,10 @@ class CobraModel(nn.Module):
         sparse, per_level = zero, []
         if cfg.use_sparse:
             target_codes = batch.item_codes[target_items]  # (P, L)
+            prefix = torch.zeros_like(target_codes[:, 0])
             for level in range(L):
-                ce = F.cross_entropy(self.code_heads[level](pred_in[:, level]), target_codes[:, level])
+                ce = F.cross_entropy(self.code_logits(pred_in[:, level], level, prefix), target_codes[:, level])
+                prefix = prefix * cfg.codes + target_codes[:, level]
                 sparse = sparse + ce
                 per_level.append(float(ce.detach()))
         dense = zero
@@ -158,15 +198,23 @@ class CobraModel(nn.Module):
         h, cache = self.decoder(x, key_mask)
         return h[:, -1], cache, valid.long().sum(1)
 
-    def step_code(self, cache: KVCache, level: int, code: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
-        """Append the code token ``code`` (B,) of ``level`` at item ``position`` (B,) -> (h (B, d), cache)."""
+    def step_code(
+        self, cache: KVCache, level: int, code: torch.Tensor, position: torch.Tensor, prefix: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Append the code token ``code`` (B,) of ``level`` at item ``position`` (B,) -> (h (B, d), cache).
+
+        ``prefix`` (B,) packs the codes of levels < ``level`` of the same item.
+        """
         x = self.code_emb[level](code) + self.type_emb.weight[level] + self.pos_emb(position.clamp(max=self.cfg.max_items - 1))
+        if self.prefix_emb is not None:
+            packed = (prefix if prefix is not None else torch.zeros_like(code)) * self.cfg.codes + code
+            x = x + self.prefix_emb[level](self.prefix_rows(level, packed))
         h, cache = self.decoder(x[:, None], torch.ones_like(code, dtype=torch.bool)[:, None], cache)
         return h[:, 0], cache
 
-    def code_logprobs(self, h: torch.Tensor, level: int) -> torch.Tensor:
-        """(B, d) -> (B, K) log-probabilities of the code of ``level``."""
-        return F.log_softmax(self.code_heads[level](h).float(), dim=-1)
+    def code_logprobs(self, h: torch.Tensor, level: int, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, d) -> (B, K) log-probabilities of the code of ``level`` given the ``prefix`` (B,) of codes < level."""
+        return F.log_softmax(self.code_logits(h, level, prefix).float(), dim=-1)
 
     def dense_prediction(self, h: torch.Tensor) -> torch.Tensor:
         """(B, d) -> (B, d) L2-normalised predicted dense vector."""

@@ -31,6 +31,12 @@ class CobraConfig:
     dense_weight: float = field(1.0, help="weight of the dense (cosine softmax) loss")
     use_sparse: bool = field(True, help="False = ablation 'w/o ID': no code tokens, dense only")
     use_dense: bool = field(True, help="False = ablation 'w/o Dense': codes only (TIGER-like)")
+    prefix_embeddings: bool = field(
+        True,
+        help="also embed each code together with its prefix (one row per ID node of the trie), tied with the code "
+        "heads: a per-ID embedding on the input and per-ID scores on the output",
+    )
+    prefix_rows: int = field(1 << 16, help="rows per level of the prefix embeddings; deeper tries are hashed into them")
 
     def __post_init__(self) -> None:
         if self.d_model % self.decoder_heads or self.encoder_dim % self.encoder_heads:
@@ -39,5 +45,7 @@ class CobraConfig:
             raise ConfigError("at least one of use_sparse / use_dense must be true")
         if self.text_tokens < 2 or self.max_items < 2:
             raise ConfigError("text_tokens and max_items must be >= 2")
+        if self.prefix_rows < 1:
+            raise ConfigError("prefix_rows must be >= 1")
         if self.temperature <= 0:
             raise ConfigError("temperature must be > 0")

@@ -6,6 +6,9 @@ Modes:
 * ``no_fusion``   "w/o BeamFusion": the top-1 beam's dense vector, nearest neighbours over all items
 * ``dense_only``  "w/o ID": a model trained without codes; its dense prediction, nearest neighbours
 * ``sparse_only`` "w/o Dense" (TIGER-like): beams over IDs fine enough to name one item; beam order
+* ``liger``       LIGER's inference (arXiv 2411.18814): the items of the top M beam IDs plus the
+                  cold-start items (``cold_items``), all ranked by cosine with the dense vector
+                  predicted for the top beam
 
 Item indices are positions in the catalogue (0..N-1); histories are left-padded with -1.
 """
@@ -15,12 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from cobra_scale.model.beam import PrefixMasks, beam_fusion, beam_search
 from cobra_scale.model.cobra import CobraModel
 from cobra_scale.retrieve.exact import ExactIdIndex
 
-MODES = ("cobra", "no_fusion", "dense_only", "sparse_only")
+MODES = ("cobra", "no_fusion", "dense_only", "sparse_only", "liger")
 
 
 @dataclass
@@ -43,8 +47,16 @@ class Recommender:
         index: an index over the item vectors keyed by packed ID (default: exact, in memory).
     """
 
-    def __init__(self, model: CobraModel, item_codes: torch.Tensor, item_vectors: torch.Tensor | None, index: ExactIdIndex | None = None):
+    def __init__(
+        self,
+        model: CobraModel,
+        item_codes: torch.Tensor,
+        item_vectors: torch.Tensor | None,
+        index: ExactIdIndex | None = None,
+        cold_items: torch.Tensor | None = None,
+    ):
         self.model = model.eval()
+        self.cold_items = cold_items  # (Nc,) catalogue indices of items unseen in training (LIGER mode)
         self.codes = item_codes
         self.vectors = item_vectors
         k = model.cfg.codes
@@ -79,6 +91,10 @@ class Recommender:
         mode = params.mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "sparse_only" and self.sid_to_item is None:
+            raise ValueError("mode sparse_only needs a model trained w/o Dense on item-unique IDs (model.use_dense=false dedup_level=true)")
+        if mode in ("cobra", "no_fusion", "dense_only", "liger") and self.index is None:
+            raise ValueError(f"mode {mode} needs dense item vectors; this model was trained without them (use sparse_only)")
         codes, vectors, valid = self._history_inputs(history)
         exclude = history if params.exclude_history else None
         if mode == "dense_only":
@@ -88,6 +104,8 @@ class Recommender:
         b, m = beams.scores.shape
         if mode == "no_fusion":
             return self.index.search(beams.dense[:, 0], k, exclude)
+        if mode == "liger":
+            return self._liger(beams, k, exclude)
         if mode == "sparse_only":
             items = self.sid_to_item.bucket_items(beams.sids.view(-1)).view(b, m, -1)[:, :, 0]  # (B, M)
             scores = beams.scores.masked_fill(items < 0, float("-inf"))
@@ -105,6 +123,28 @@ class Recommender:
         fused = beam_fusion(beams.scores, cos, params.tau, params.psi, params.normalize)
         fused = fused.masked_fill(~torch.isfinite(cos), float("-inf"))
         return _topk_padded(cand.view(b, -1), fused.view(b, -1), k)
+
+
+    def _liger(self, beams, k: int, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items of the M beam IDs plus the cold-start items, by cosine with the top beam's vector."""
+        b, m = beams.scores.shape
+        query = beams.dense[:, 0]  # (B, d)
+        cand, cos = self.index.search_in_ids(query[:, None].expand(b, m, query.shape[-1]).reshape(b * m, -1), beams.sids.view(-1))
+        cand, cos = cand.view(b, -1), cos.view(b, m, -1)
+        cos = cos.masked_fill(~torch.isfinite(beams.scores)[:, :, None], float("-inf")).view(b, -1)
+        cold = self.cold_items
+        if cold is not None and len(cold):
+            cold = cold.to(cand.device)
+            is_cold = torch.zeros(len(self.codes), dtype=torch.bool, device=cand.device)
+            is_cold[cold] = True
+            cos = cos.masked_fill(is_cold[cand.clamp(min=0)] & (cand >= 0), float("-inf"))  # scored once, below
+            cold_cos = F.normalize(query.float(), dim=-1) @ F.normalize(self.vectors[cold].float(), dim=-1).T  # (B, Nc)
+            cand = torch.cat([cand, cold[None].expand(b, -1)], 1)
+            cos = torch.cat([cos, cold_cos], 1)
+        if exclude is not None:
+            hit = (cand[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)
+            cos = cos.masked_fill(hit.any(-1), float("-inf"))
+        return _topk_padded(cand, cos, k)
 
 
 def _topk_padded(items: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,15 +14,15 @@ from cobra_scale.model.config import CobraConfig
 class InferenceConfig:
     """Coarse-to-fine inference settings (BeamFusion)."""
 
-    mode: str = field("cobra", help="cobra | no_fusion | dense_only | sparse_only")
+    mode: str = field("cobra", help="cobra | no_fusion | dense_only | sparse_only | liger")
     beams: int = field(20, help="M, beams (sparse IDs) per user")
     tau: float = field(1.0, help="BeamFusion temperature on beam scores")
     psi: float = field(20.0, help="BeamFusion temperature on cosine similarity")
     normalize: str = field("global", help="candidate softmax over 'global' (all beams) or 'per_beam'")
 
     def __post_init__(self) -> None:
-        if self.mode not in ("cobra", "no_fusion", "dense_only", "sparse_only"):
-            raise ConfigError(f"inference.mode must be cobra|no_fusion|dense_only|sparse_only, got '{self.mode}'")
+        if self.mode not in ("cobra", "no_fusion", "dense_only", "sparse_only", "liger"):
+            raise ConfigError(f"inference.mode must be cobra|no_fusion|dense_only|sparse_only|liger, got '{self.mode}'")
         if self.beams <= 0:
             raise ConfigError("inference.beams must be > 0")
         if self.normalize not in ("global", "per_beam"):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 
 from cobra_scale.data.schemas import EXAMPLES_SCHEMA, SEQUENCES_SCHEMA, day_start
@@ -83,3 +84,40 @@ def test_time_split_needs_timestamps():
 def test_training_examples_prefixes():
     ex = list(training_examples([1, 2, 3, 4], max_history=2))
     assert ex == [([1], 2), ([1, 2], 3), ([2, 3], 4)]
+
+
+def test_loo_cold_keeps_cold_items_out_of_training(tmp_path):
+    from cobra_scale.data.configs import SplitConfig
+    from cobra_scale.data.io import write_table
+    from cobra_scale.data.split import remove_cold, split_files
+
+    # items 100.. are test targets of some users and also appear inside other sequences
+    rows = [(u, [1 + (u + j) % 9 for j in range(6)] + [100 + u % 10], None) for u in range(40)]
+    rows += [(99, [100, 1, 2, 101, 3, 4], None)]  # cold candidates in the middle of a history
+    write_table(seqs(rows, with_ts=False), tmp_path / "seq" / "part-00000.parquet")
+    report = split_files(SplitConfig(sequences=str(tmp_path / "seq"), out=str(tmp_path / "out"), kind="loo_cold", cold_fraction=0.3, seed=1))
+    cold = set(pa.parquet.read_table(tmp_path / "out" / "cold_items.parquet").column("item_id").to_pylist())
+    assert report["cold_items"] == len(cold) == round(0.3 * report["test_target_items"]) > 0
+    train = pa.parquet.read_table(tmp_path / "out" / "train").to_pylist()
+    valid = pa.parquet.read_table(tmp_path / "out" / "valid").to_pylist()
+    test = pa.parquet.read_table(tmp_path / "out" / "test").to_pylist()
+    seen = {i for r in train for i in r["item_ids"]} | {i for r in valid for i in r["history"] + r["targets"]}
+    seen |= {i for r in test for i in r["history"]}
+    assert not (seen & cold)  # never in training, validation or any history
+    from cobra_scale.train.data import training_windows
+
+    windows = training_windows([np.array(r["item_ids"]) for r in train], max_items=4)
+    assert windows and not (set(np.concatenate(windows).tolist()) & cold)  # what training batches are cut from
+    cold_targets = [r for r in test if r["targets"][0] in cold]
+    assert len(cold_targets) == report["test_users_cold_target"] > 0
+    # remove_cold keeps a cold item only as a row's last item
+    table, removed = remove_cold(seqs([(1, [5, 6, 5, 7, 5], None)], with_ts=False), np.array([5]))
+    assert table.column("item_ids").to_pylist() == [[6, 7, 5]] and removed == 2
+
+
+def test_loo_cold_bad_fraction_is_a_config_error():
+    from cobra_scale.data.configs import SplitConfig
+    from cobra_scale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cold_fraction"):
+        SplitConfig(sequences="x", out="y", kind="loo_cold", cold_fraction=1.5)

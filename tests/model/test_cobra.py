@@ -15,10 +15,14 @@ from cobra_scale.retrieve.recommender import InferenceParams, Recommender
 L, K, D = 2, 4, 16
 
 
-def tiny_model(**kw) -> CobraModel:
+def tiny_model(random_prefix: bool = True, **kw) -> CobraModel:
     torch.manual_seed(0)
     cfg = CobraConfig(levels=L, codes=K, d_model=D, encoder_dim=D, decoder_heads=2, encoder_heads=2, vocab_size=50, text_tokens=6, max_items=8, dropout=0.0, **kw)
-    return CobraModel(cfg).eval()
+    model = CobraModel(cfg).eval()
+    if random_prefix and model.prefix_emb is not None:  # zero-initialised in the model; random here so the tests exercise them
+        for table in model.prefix_emb:
+            torch.nn.init.normal_(table.weight, std=0.5)
+    return model
 
 
 def catalogue(n=12, seed=0):
@@ -37,7 +41,7 @@ def batch(seq):
 
 
 def test_forward_shapes_and_losses():
-    model = tiny_model()
+    model = tiny_model(random_prefix=False)
     out = model(batch([[-1, -1, 0, 1, 2], [3, 4, 5, 6, 7]]))
     assert out.predictions == 2 + 4  # targets: items after the first real one
     assert out.total.ndim == 0 and torch.isfinite(out.total)
@@ -89,9 +93,26 @@ def test_kv_cache_step_equals_full_recompute():
     h_step, _ = model.step_code(cache, 0, codes[3:4, 0], pos)
     # full recompute: history + item 3's first code token, no cache
     x = model.item_tokens(codes[hist], vec[hist], model.positions(valid)).reshape(1, -1, D)
-    x_new = model.code_emb[0](codes[3:4, 0]) + model.type_emb.weight[0] + model.pos_emb(pos)
+    x_new = model.code_emb[0](codes[3:4, 0]) + model.type_emb.weight[0] + model.pos_emb(pos) + model.prefix_emb[0](codes[3:4, 0])
     h_full, _ = model.decoder(torch.cat([x, x_new[:, None]], 1), torch.ones(1, x.shape[1] + 1, dtype=torch.bool))
     torch.testing.assert_close(h_step, h_full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_embeddings_tell_codes_apart_by_prefix_and_hash_deep_tries():
+    model = tiny_model()
+    # the same level-1 code under two different level-0 codes gets different logits
+    h = torch.randn(1, D).expand(2, D)
+    a = model.code_logits(h, 1, torch.tensor([0, 1]))
+    assert not torch.allclose(a[0], a[1])
+    # without prefix embeddings the two are equal (the per-level head sees no prefix)
+    plain = tiny_model(prefix_embeddings=False)
+    b = plain.code_logits(h, 1, torch.tensor([0, 1]))
+    torch.testing.assert_close(b[0], b[1])
+    # a trie deeper than prefix_rows is hashed into the table
+    small = tiny_model(prefix_rows=5)
+    assert small.prefix_emb[1].num_embeddings == 5
+    rows = small.prefix_rows(1, torch.arange(K * K))
+    assert int(rows.min()) >= 0 and int(rows.max()) < 5
 
 
 def test_beam_search_yields_valid_ids_and_m1_equals_greedy():
@@ -178,3 +199,28 @@ def test_cold_start_item_is_retrievable_without_retraining():
     rec = Recommender(model, new_codes, new_vecs)
     items, _ = rec.recommend(hist, 3, InferenceParams(beams=4, psi=50.0))
     assert items[0, 0].item() == 12
+
+
+def test_liger_mode_ranks_a_cold_item_equal_to_the_prediction_first():
+    """LIGER: a cold-start item outside every beam's ID whose vector equals the top beam's
+    predicted vector is ranked first; COBRA (BeamFusion) cannot reach it."""
+    model = tiny_model()
+    tokens, mask, codes = catalogue()
+    vec = model.encode_items(tokens, mask)
+    hist = torch.tensor([[0, 1, 2]])
+    beams = beam_search(model, codes[hist], vec[hist], hist >= 0, PrefixMasks(codes.numpy(), K), beams=2)
+    k = K
+    used = {int(beams.codes[0, m, 0]) * k + int(beams.codes[0, m, 1]) for m in range(2)}
+    free = next((a, b) for a in range(k) for b in range(k) if a * k + b not in used)
+    new_codes = torch.cat([codes, torch.tensor([free])])  # an ID no beam reaches
+    new_vecs = torch.cat([vec, beams.dense[0, 0][None]])
+    rec = Recommender(model, new_codes, new_vecs, cold_items=torch.tensor([12]))
+    items, scores = rec.recommend(hist, 3, InferenceParams(mode="liger", beams=2))
+    assert items[0, 0].item() == 12 and scores[0, 0].item() == pytest.approx(1.0, abs=1e-5)
+    cobra, _ = rec.recommend(hist, 3, InferenceParams(mode="cobra", beams=2))
+    assert 12 not in cobra[0].tolist()
+    # without cold items LIGER ranks only the beams' items, each once
+    rec.cold_items = None
+    items, _ = rec.recommend(hist, 5, InferenceParams(mode="liger", beams=2))
+    got = [i for i in items[0].tolist() if i >= 0]
+    assert 12 not in got and len(got) == len(set(got))
