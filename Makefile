@@ -33,6 +33,7 @@ demo: install
 		--epochs 2 --eval-users 2000 --no-resume model.d_model=64 model.encoder_dim=64 model.text_tokens=24
 	$(BIN)/cobra eval --run $(DEMO)/run --split-name test --exclude-history --max-users 2000 modes=[cobra,no_fusion]
 	$(BIN)/cobra recommend --run $(DEMO)/run --users 2 --k 5
+	BIN=$(BIN) tools/demo_serve.sh $(DEMO)/run $(DEMO)/splits/loo/test
 	@echo "demo outputs under $(DEMO)/"
 
 # The public benchmark, read from the shared folder (never copied into the project).

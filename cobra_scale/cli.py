@@ -44,12 +44,21 @@ COMMANDS: dict[str | None, dict[str, Command]] = {
     "baseline": {
         "sasrec": Command("cobra_scale.baselines.configs:SASRecConfig", "cobra_scale.baselines.sasrec:run"),
     },
+    "ab": {
+        "assign": Command("cobra_scale.ab.configs:AssignConfig", "cobra_scale.ab.assign:run"),
+        "reshare": Command("cobra_scale.ab.configs:ReshareConfig", "cobra_scale.ab.assign:run_reshare"),
+        "outcomes": Command("cobra_scale.ab.configs:OutcomesConfig", "cobra_scale.ab.outcomes:run"),
+        "analyze": Command("cobra_scale.ab.configs:AnalyzeConfig", "cobra_scale.ab.analyze:run"),
+    },
     None: {
         "ids": Command("cobra_scale.semantic_ids.configs:IdsConfig", "cobra_scale.semantic_ids.assign:run"),
         "train": Command("cobra_scale.train.configs:TrainConfig", "cobra_scale.train.trainer:run"),
+        "export": Command("cobra_scale.train.configs:ExportConfig", "cobra_scale.train.export:run"),
         "eval": Command("cobra_scale.train.configs:EvalConfig", "cobra_scale.eval.run_eval:run"),
         "coldstart": Command("cobra_scale.eval.configs:ColdStartConfig", "cobra_scale.eval.cold_start:run"),
         "recommend": Command("cobra_scale.train.configs:RecommendConfig", "cobra_scale.retrieve.recommend_cli:run"),
+        "serve": Command("cobra_scale.serve.configs:ServeConfig", "cobra_scale.serve.run_serve:run"),
+        "index": Command("cobra_scale.retrieve.configs:IndexConfig", "cobra_scale.retrieve.build:run"),
     },
 }
 

@@ -36,12 +36,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         # CPU actors on a 2-core machine (see docs/operations.md).
         cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
         log.info("starting in-process Ray on 127.0.0.1 with %d logical CPUs", cpus)
-        ray.init(
-            num_cpus=cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            configure_logging=False,
-            log_to_driver=False,
-            **kwargs,
-        )
+        options = {"include_dashboard": False, "configure_logging": False, "log_to_driver": False, **kwargs}
+        ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", **options)
     return ray

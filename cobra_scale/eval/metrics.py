@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["MetricAccumulator", "rank_metrics", "topk_with_exclusion", "metric_names"]
+__all__ = ["MetricAccumulator", "UserMeans", "diversity", "rank_metrics", "topk_with_exclusion", "metric_names", "user_metrics"]
 
 
 def metric_names(ks: Iterable[int]) -> list[str]:
@@ -108,6 +108,93 @@ class MetricAccumulator:
     def result(self) -> dict[str, float]:
         """The averages so far (0.0 for every metric when no user was seen)."""
         return {name: (s / self.count if self.count else 0.0) for name, s in self.sums.items()}
+
+
+def diversity(ranked_items: np.ndarray, item_sids: np.ndarray, ks: Sequence[int]) -> dict[str, np.ndarray]:
+    """Per user, the number of distinct sparse IDs among the top ``k`` items (padding -1 ignored).
+
+    Args:
+        ranked_items: (U, Kmax) item indices, best first, -1 padded.
+        item_sids: (N,) packed sparse ID of every item.
+
+    Returns:
+        ``{"diversity@k": (U,) float}`` for every ``k``.
+    """
+    ranked = np.asarray(ranked_items)
+    sids = np.where(ranked >= 0, np.asarray(item_sids)[ranked.clip(min=0)], -1)  # (U, K)
+    out = {}
+    for k in ks:
+        top = np.sort(sids[:, :k], axis=1)
+        first = top[:, :1] >= 0
+        changes = (top[:, 1:] != top[:, :-1]) & (top[:, 1:] >= 0)
+        out[f"diversity@{k}"] = (first.sum(1) + changes.sum(1)).astype(np.float64)
+    return out
+
+
+def user_metrics(
+    ranked_items: np.ndarray | torch.Tensor,
+    targets: Sequence[np.ndarray] | np.ndarray,
+    ks: Sequence[int],
+    item_sids: np.ndarray | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per-user ``recall@k``, ``ndcg@k`` (and ``diversity@k`` when ``item_sids`` is given).
+
+    Returns ``({name: (U,) values}, has (U,) bool)``; users without a target have 0
+    recall/ndcg and ``has`` False (leave them out of averages).
+    """
+    if isinstance(ranked_items, torch.Tensor):
+        ranked_items = ranked_items.detach().cpu().numpy()
+    values, has = _per_user(ranked_items, targets, ks)
+    if item_sids is not None:
+        values.update(diversity(ranked_items, item_sids, ks))
+    return values, has
+
+
+class UserMeans:
+    """Streaming means of per-user values with a normal-approximation confidence interval.
+
+    The half-width is ``z * s / sqrt(n)`` with ``s`` the sample standard deviation of the
+    per-user values and ``z`` the normal quantile of the confidence level: the interval
+    of the mean over a uniform sample of users (the sampling error, not model variance).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.squares: dict[str, float] = {}
+        self.count = 0
+
+    def update(self, values: dict[str, np.ndarray], keep: np.ndarray) -> None:
+        """Add users: ``values`` {name: (B,)}, only rows where ``keep`` (B,) is True count."""
+        keep = np.asarray(keep, dtype=bool)
+        for name, v in values.items():
+            v = np.asarray(v, dtype=np.float64)[keep]
+            self.sums[name] = self.sums.get(name, 0.0) + float(v.sum())
+            self.squares[name] = self.squares.get(name, 0.0) + float((v * v).sum())
+        self.count += int(keep.sum())
+
+    def merge(self, other: "UserMeans") -> "UserMeans":
+        for name in other.sums:
+            self.sums[name] = self.sums.get(name, 0.0) + other.sums[name]
+            self.squares[name] = self.squares.get(name, 0.0) + other.squares[name]
+        self.count += other.count
+        return self
+
+    def mean(self) -> dict[str, float]:
+        return {name: (s / self.count if self.count else 0.0) for name, s in self.sums.items()}
+
+    def half_width(self, confidence: float = 0.95) -> dict[str, float]:
+        from statistics import NormalDist
+
+        z = NormalDist().inv_cdf(0.5 + confidence / 2)
+        n = self.count
+        out = {}
+        for name, s in self.sums.items():
+            if n < 2:
+                out[name] = float("nan")
+                continue
+            var = max(self.squares[name] - s * s / n, 0.0) / (n - 1)
+            out[name] = z * (var / n) ** 0.5
+        return out
 
 
 def rank_metrics(ranked_items: np.ndarray, targets: Sequence[np.ndarray] | np.ndarray, ks: Sequence[int] = (5, 10)) -> dict[str, float]:

@@ -1,9 +1,20 @@
-"""``cobra eval``: evaluate a trained run with the papers' protocol.
+"""``cobra eval``: evaluate a trained run with the papers' protocol, at any scale.
 
 Inference settings (tau, psi, beams) are chosen on the **validation** targets only (a grid
-over the values given), then the chosen setting is evaluated on the requested split. Each
-mode is reported without and, if asked, with the user's history items masked from the
-ranking (the papers' protocol does not mask).
+over the values given), then the chosen setting of every mode is evaluated on the
+requested split — without and, if asked, with the user's history items masked from the
+ranking (the papers' protocol does not mask) — in one pass over the users, together with
+the optional τ sweep (recall–diversity curve, paper Fig. 6).
+
+Scale: ``index=`` searches a `cobra index` folder (faiss IVF by sparse ID, item vectors
+not re-encoded); ``workers=N`` scores users on a Ray Data actor pool (in-process Ray on
+127.0.0.1 unless ``ray_address`` / ``$RAY_ADDRESS``); ``max_users=`` evaluates a uniform
+sample, reported with its confidence interval. Any split folder works (``split=time``:
+train days 1..D, test D+1; ``split=loo``).
+
+Outputs (in ``out``, default the run folder): ``eval_<split_name>.json``, a Markdown table
+``eval_<split_name>.md``, ``tau_sweep_<split_name>.png`` and, with ``plots=true``,
+``embeddings_cosine.png`` (Fig. 4) and ``embeddings_map.png`` (Fig. 5).
 """
 
 from __future__ import annotations
@@ -15,64 +26,176 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cobra_scale.errors import ConfigError
+from cobra_scale.errors import ConfigError, DataError
 from cobra_scale.train.configs import EvalConfig
 
 log = logging.getLogger(__name__)
 
+MODES = ("cobra", "no_fusion", "dense_only", "sparse_only", "liger")
+
 
 def run(cfg: EvalConfig) -> dict:
-    from cobra_scale.eval.offline import evaluate
+    from cobra_scale.eval.batch import Setting, evaluate_local, evaluate_ray
+    from cobra_scale.retrieve.build import load_recommender
     from cobra_scale.train.data import load_examples
-    from cobra_scale.train.trainer import inference_params, load_run, make_recommender
+    from cobra_scale.train.trainer import inference_params
 
     started = time.perf_counter()
-    model, catalogue, tcfg, device = load_run(cfg.run)
-    split = Path(tcfg.data) / "splits" / tcfg.split
-    max_hist = tcfg.model.max_items - 1
-    valid = load_examples(split / "valid", catalogue, max_hist).sample(cfg.max_users)
-    target = valid if cfg.split_name == "valid" else load_examples(split / cfg.split_name, catalogue, max_hist).sample(cfg.max_users)
-    rec = make_recommender(model, catalogue, device)
-    base = inference_params(tcfg.inference)
+    ks = tuple(sorted({int(k) for k in cfg.ks}))
+    select_on = cfg.select_on or ("ndcg@10" if 10 in ks else f"ndcg@{ks[0]}")
+    if select_on.split("@")[0] not in ("recall", "ndcg", "diversity") or not select_on.split("@")[-1].isdigit() or int(select_on.split("@")[-1]) not in ks:
+        raise ConfigError(f"select_on must be recall|ndcg|diversity@K with K in ks={list(ks)}, got '{select_on}'")
     modes = list(cfg.modes)
-    bad = [m for m in modes if m not in ("cobra", "no_fusion", "dense_only", "sparse_only")]
+    bad = [m for m in modes if m not in MODES]
     if bad:
         raise ConfigError(f"unknown mode(s) {bad}")
+    rec, catalogue, tcfg, device = load_recommender(cfg.run, cfg.index, cfg.device)
+    if "sparse_only" in modes and rec.sid_to_item is None:
+        raise ConfigError("mode sparse_only needs a run trained w/o Dense on item-unique IDs (model.use_dense=false dedup_level=true)")
+    if rec.index is None and any(m != "sparse_only" for m in modes):
+        raise ConfigError(f"this run was trained without dense vectors: only modes=[sparse_only] apply (got {modes})")
+    split_dir = Path(tcfg.data) / "splits" / (cfg.split or tcfg.split)
+    for part in {"valid", cfg.split_name}:
+        if not (split_dir / part).exists():
+            raise DataError(f"{split_dir / part} not found (make the split with `cobra data split`)")
+    max_hist = tcfg.model.max_items - 1
+    valid_all = load_examples(split_dir / "valid", catalogue, max_hist)
+    valid = valid_all.sample(cfg.max_users, cfg.seed)
+    target_all = valid_all if cfg.split_name == "valid" else load_examples(split_dir / cfg.split_name, catalogue, max_hist)
+    target = target_all.sample(cfg.max_users, cfg.seed)
+
+    def score(users, settings, label):
+        if cfg.workers > 0:
+            res = evaluate_ray(cfg.run, cfg.index, users.history, users.targets, settings, ks, cfg.batch_users, cfg.workers,
+                               cfg.worker_cpus, cfg.worker_gpus, cfg.device, cfg.ray_address)
+        else:
+            res = evaluate_local(rec, users.history, users.targets, settings, ks, cfg.batch_users, device)
+        passes.append({"pass": label, "users": res.users, "settings": len(settings), "seconds": round(res.seconds, 2),
+                       "users_per_s": round(res.users / res.seconds, 1) if res.seconds else None,
+                       "user_settings_per_s": round(res.users * len(settings) / res.seconds, 1) if res.seconds else None})
+        log.info("%s: %d users x %d settings in %.1fs", label, res.users, len(settings), res.seconds)
+        return res.table(cfg.confidence)
+
+    passes: list[dict] = []
+    base = inference_params(tcfg.inference)
     taus = [float(t) for t in cfg.grid_tau] or [base.tau]
     psis = [float(p) for p in cfg.grid_psi] or [base.psi]
     beam_counts = [int(b) for b in cfg.grid_beams] or [base.beams]
-    results: dict = {"run": str(cfg.run), "split": cfg.split_name, "users": len(target.targets), "sampled": bool(cfg.max_users), "modes": {}}
-    for mode in modes:
-        grid = list(itertools.product(taus, psis, beam_counts)) if mode == "cobra" else [(base.tau, base.psi, base.beams)]
-        best, best_params = None, None
-        selection = []
-        for tau, psi, beams in grid:
-            p = replace(base, mode=mode, tau=tau, psi=psi, beams=beams)
-            if len(grid) > 1:
-                m = evaluate(rec, valid.history, valid.targets, p, batch_users=cfg.batch_users, device=device)
-                selection.append({"tau": tau, "psi": psi, "beams": beams, **m})
-                log.info("valid %s tau=%s psi=%s beams=%s: %s", mode, tau, psi, beams, {k: round(v, 4) for k, v in m.items()})
-                if best is None or m["ndcg@10"] > best:
-                    best, best_params = m["ndcg@10"], p
-            else:
-                best_params = p
-        entry = {"chosen_on_valid": {"tau": best_params.tau, "psi": best_params.psi, "beams": best_params.beams}}
-        if selection:
-            entry["valid_grid"] = selection
-        entry["history_not_masked"] = evaluate(rec, target.history, target.targets, best_params, batch_users=cfg.batch_users, device=device)
+    grid = list(itertools.product(taus, psis, beam_counts))
+    chosen = {m: replace(base, mode=m) for m in modes}
+    selection: list[dict] = []
+    if "cobra" in modes and len(grid) > 1:
+        settings = [Setting(f"grid|tau={t:g}|psi={p:g}|beams={b}", replace(base, mode="cobra", tau=t, psi=p, beams=b)) for t, p, b in grid]
+        table = score(valid, settings, "valid grid")
+        best = max(settings, key=lambda s: table[s.name]["metrics"][select_on])
+        chosen["cobra"] = best.params
+        selection = [{"tau": s.params.tau, "psi": s.params.psi, "beams": s.params.beams, **table[s.name]["metrics"]} for s in settings]
+        log.info("chosen on valid (%s): tau=%s psi=%s beams=%s", select_on, best.params.tau, best.params.psi, best.params.beams)
+
+    settings = []
+    for m in modes:
+        settings.append(Setting(m, chosen[m]))
         if cfg.exclude_history:
-            entry["history_masked"] = evaluate(rec, target.history, target.targets, replace(best_params, exclude_history=True), batch_users=cfg.batch_users, device=device)
-        results["modes"][mode] = entry
-        log.info("%s %s: %s", cfg.split_name, mode, {k: round(v, 4) for k, v in entry["history_not_masked"].items()})
-    results["wall_minutes"] = round((time.perf_counter() - started) / 60, 2)
+            settings.append(Setting(f"{m}|masked", replace(chosen[m], exclude_history=True)))
+    sweep_taus = [float(t) for t in cfg.tau_sweep]
+    cobra_p = chosen.get("cobra", replace(base, mode="cobra"))
+    settings += [Setting(f"sweep|tau={t:g}", replace(cobra_p, tau=t)) for t in sweep_taus]
+    table = score(target, settings, f"{cfg.split_name}")
+
+    results: dict = {
+        "run": str(cfg.run),
+        "split": str(split_dir),
+        "split_name": cfg.split_name,
+        "index": cfg.index,
+        "users": len(target.targets),
+        "population": len(target_all.targets),
+        "sampled": len(target.targets) < len(target_all.targets),
+        "sample_seed": cfg.seed,
+        "users_with_targets": table[settings[0].name]["users"],
+        "confidence": cfg.confidence,
+        "ci_method": "normal approximation over the sampled users: mean ± z·s/√n",
+        "ks": list(ks),
+        "select_on": select_on,
+        "workers": cfg.workers,
+        "modes": {},
+    }
+    for m in modes:
+        entry = {"chosen_on_valid": {"tau": chosen[m].tau, "psi": chosen[m].psi, "beams": chosen[m].beams}}
+        if m == "cobra" and selection:
+            entry["valid_grid"] = selection
+        entry["history_not_masked"] = table[m]["metrics"]
+        entry["ci"] = table[m]["ci"]
+        if cfg.exclude_history:
+            entry["history_masked"] = table[f"{m}|masked"]["metrics"]
+            entry["ci_masked"] = table[f"{m}|masked"]["ci"]
+        results["modes"][m] = entry
     out = Path(cfg.out or cfg.run)
     out.mkdir(parents=True, exist_ok=True)
+    if sweep_taus:
+        from cobra_scale.eval.plots import plot_tau_sweep
+
+        points = [{"tau": t, **table[f"sweep|tau={t:g}"]["metrics"]} for t in sweep_taus]
+        results["tau_sweep"] = {"psi": cobra_p.psi, "beams": cobra_p.beams, "points": points,
+                                "png": str(plot_tau_sweep(points, ks[0], out / f"tau_sweep_{cfg.split_name}.png"))}
+    if cfg.plots:
+        results["embeddings"] = embedding_plots(rec, out, cfg.plot_ids, cfg.plot_items, cfg.seed)
+    results["passes"] = passes
+    results["wall_minutes"] = round((time.perf_counter() - started) / 60, 2)
     (out / f"eval_{cfg.split_name}.json").write_text(json.dumps(results, indent=2))
+    (out / f"eval_{cfg.split_name}.md").write_text(markdown_table(results))
     summary = {}
-    for mode, entry in results["modes"].items():
-        for k, v in entry["history_not_masked"].items():
-            summary[f"{mode} {k}"] = round(v, 4)
-        for k, v in entry.get("history_masked", {}).items():
-            summary[f"{mode} {k} (history masked)"] = round(v, 4)
+    for m, entry in results["modes"].items():
+        for variant, key, ci in (("", "history_not_masked", "ci"), (" (history masked)", "history_masked", "ci_masked")):
+            for name, v in entry.get(key, {}).items():
+                if not name.startswith("diversity"):
+                    summary[f"{m} {name}{variant}"] = f"{v:.4f} ± {entry[ci][name]:.4f}"
+    summary["users"] = f"{results['users']} of {results['population']}"
     summary["out"] = str(out / f"eval_{cfg.split_name}.json")
     return summary
+
+
+def embedding_plots(rec, out: Path, n_ids: int, n_items: int, seed: int) -> dict:
+    """Fig. 4 (intra/inter-ID cosine heatmap) and Fig. 5 (2-D map by ID) of the item vectors."""
+    from cobra_scale.eval.plots import id_cosine_matrix, plot_id_cosine, plot_item_map
+
+    if rec.vectors is None:
+        raise ConfigError("plots=true needs dense item vectors (this run has none)")
+    sids = rec.sids.cpu().numpy()
+    mat, ids = id_cosine_matrix(rec.vectors.cpu(), sids, n_ids, seed=seed)
+    heat = plot_id_cosine(mat, ids, out / "embeddings_cosine.png")
+    where = plot_item_map(rec.vectors.cpu(), sids, out / "embeddings_map.png", n_ids=min(n_ids, 10), max_items=n_items, seed=seed)
+    return {"cosine": {**heat, "png": str(out / "embeddings_cosine.png")}, "map": {**where, "png": str(out / "embeddings_map.png")}}
+
+
+def markdown_table(results: dict) -> str:
+    """Recall/NDCG/diversity@K per mode (± confidence half-width) as a Markdown table."""
+    ks = results["ks"]
+    pct = int(round(results["confidence"] * 100))
+    lines = [
+        f"Run `{results['run']}`, split `{results['split']}` ({results['split_name']}), "
+        f"{results['users']} users of {results['population']}"
+        + (f" (uniform sample, seed {results['sample_seed']})" if results["sampled"] else "")
+        + f", {results['users_with_targets']} with targets. ± = {pct}% confidence half-width ({results['ci_method']}).",
+        "",
+        "| mode | history | " + " | ".join(f"R@{k} | N@{k} | D@{k}" for k in ks) + " |",
+        "|---|---|" + "---|" * (3 * len(ks)),
+    ]
+    for m, entry in results["modes"].items():
+        for variant, key, ci in (("kept", "history_not_masked", "ci"), ("masked", "history_masked", "ci_masked")):
+            if key not in entry:
+                continue
+            vals, half = entry[key], entry[ci]
+            cells = []
+            for k in ks:
+                cells += [f"{vals[f'recall@{k}']:.4f} ± {half[f'recall@{k}']:.4f}", f"{vals[f'ndcg@{k}']:.4f} ± {half[f'ndcg@{k}']:.4f}", f"{vals[f'diversity@{k}']:.1f}"]
+            lines.append(f"| {m} | {variant} | " + " | ".join(cells) + " |")
+    if "tau_sweep" in results:
+        k = ks[0]
+        lines += ["", f"τ sweep (cobra, psi={results['tau_sweep']['psi']:g}, beams={results['tau_sweep']['beams']}):", "",
+                  f"| τ | R@{k} | D@{k} |", "|---|---|---|"]
+        lines += [f"| {p['tau']:g} | {p[f'recall@{k}']:.4f} | {p[f'diversity@{k}']:.1f} |" for p in results["tau_sweep"]["points"]]
+    passes = results.get("passes", [])
+    if passes:
+        lines += ["", "| pass | users | settings | seconds | users/s |", "|---|---|---|---|---|"]
+        lines += [f"| {p['pass']} | {p['users']} | {p['settings']} | {p['seconds']} | {p['users_per_s']} |" for p in passes]
+    return "\n".join(lines) + "\n"

@@ -30,8 +30,37 @@ class InferenceConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """``launcher: ray``: Ray Train workers, each running the training step under DeepSpeed ZeRO."""
+
+    workers: int = field(2, help="Ray Train workers (data-parallel ranks)")
+    cpus_per_worker: float = field(1.0, help="logical CPUs reserved per worker (fractions leave room for Ray Data reads)")
+    use_gpu: bool = field(False, help="one GPU per worker (NCCL); otherwise CPU workers (gloo, DS_ACCELERATOR=cpu)")
+    deepspeed: str = field("configs/deepspeed/zero2.json", help="DeepSpeed config JSON; batch fields 'auto' are filled from batch_size / workers / grad_accum")
+    grad_accum: int = field(1, help="micro-batches per optimiser step; per-worker micro-batch = batch_size / (workers * grad_accum)")
+    checkpoint_every_steps: int = field(0, help="also checkpoint every N optimiser steps (0 = at epoch ends only)")
+    keep_checkpoints: int = field(2, help="most recent checkpoints Ray Train keeps")
+    max_failures: int = field(0, help="worker-group failures to recover from (restart from the last checkpoint); -1 = unlimited")
+    address: Optional[str] = field(None, help="Ray cluster to join (default: $RAY_ADDRESS, else an in-process Ray on 127.0.0.1)")
+    storage: Optional[str] = field(None, help="Ray Train storage for checkpoints (default: <out>/ray; a shared path on multi-node clusters)")
+    shuffle_buffer: int = field(20000, help="windows in each worker's local shuffle buffer (0 = stream order)")
+    log_every_steps: int = field(10, help="progress line + TensorBoard scalars every N optimiser steps")
+    max_steps: int = field(0, help="stop after this many optimiser steps (0 = run the epochs); benchmarks and tests")
+
+    def __post_init__(self) -> None:
+        if self.workers <= 0 or self.grad_accum <= 0:
+            raise ConfigError("distributed.workers and distributed.grad_accum must be > 0")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError("distributed.cpus_per_worker must be > 0")
+        if self.keep_checkpoints <= 0:
+            raise ConfigError("distributed.keep_checkpoints must be > 0")
+        if min(self.checkpoint_every_steps, self.shuffle_buffer, self.max_steps) < 0 or self.log_every_steps <= 0:
+            raise ConfigError("distributed step counts must be >= 0 (log_every_steps > 0)")
+
+
+@dataclass
 class TrainConfig:
-    """``cobra train``: train COBRA on a leave-one-out split, single process (CPU or one GPU)."""
+    """``cobra train``: train COBRA; in this process (CPU or one GPU) or on Ray Train workers with DeepSpeed (``launcher=ray``)."""
 
     data: str = field(help="dataset folder: items.parquet and splits/<split>/{train,valid,test}")
     ids: str = field(help="semantic-ID folder of `cobra ids` (sids.parquet)")
@@ -47,7 +76,7 @@ class TrainConfig:
     seed: int = field(0, help="random seed")
     threads: int = field(0, help="torch CPU threads; 0 = all cores")
     device: str = field("auto", help="auto | cpu | cuda")
-    precision: str = field("fp32", help="fp32 | bf16 (autocast; ~1.4x faster on CPUs with AVX512-BF16, standard on GPUs)")
+    precision: str = field("fp32", help="fp32 | bf16 (autocast; standard on GPUs, ~1.4x faster on CPUs with AVX512-BF16/AMX; falls back to fp32 on CPUs without native bf16, where it would be ~50x slower)")
     init_embeddings: bool = field(True, help="initialise token embeddings from all-MiniLM-L6-v2 (PCA-projected)")
     dedup_level: bool = field(False, help="append a code numbering items inside an ID (for the TIGER-like w/o Dense ablation)")
     eval_users: int = field(0, help="validation users per epoch (0 = all)")
@@ -56,10 +85,14 @@ class TrainConfig:
     max_minutes: float = field(0.0, help="wall-clock budget for training (0 = none); the best checkpoint is kept")
     resume: bool = field(True, help="resume from out/checkpoints/last if present")
     dense_loss_impl: str = field("auto", help="dense loss kernel: auto | reference | tiled | triton")
+    launcher: str = field("local", help="local = this process (CPU or one GPU) | ray = Ray Train + DeepSpeed ZeRO (see distributed.*)")
     model: CobraConfig = dc_field(default_factory=CobraConfig)
     inference: InferenceConfig = dc_field(default_factory=InferenceConfig)
+    distributed: DistributedConfig = dc_field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
+        if self.launcher not in ("local", "ray"):
+            raise ConfigError("launcher must be local or ray")
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
@@ -85,10 +118,45 @@ class EvalConfig:
     grid_psi: list = field([], help="psi values tried on valid (empty = the run's)")
     grid_beams: list = field([], help="beam counts tried on valid (empty = the run's)")
     modes: list = field(["cobra"], help="inference modes to report")
+    ks: list = field([5, 10], help="cut-offs K of Recall/NDCG/diversity@K (e.g. ks=[50,100,200,500,800])")
+    select_on: str = field("", help="validation metric that picks tau/psi/beams (default ndcg@10, else ndcg@<smallest K>)")
+    split: Optional[str] = field(None, help="split folder under <data>/splits to evaluate on, e.g. time or loo (default: the run's)")
+    index: Optional[str] = field(None, help="index folder of `cobra index` (faiss IVF by sparse ID); default: exact search in memory")
+    device: str = field("auto", help="auto | cpu | cuda (local path and the driver)")
+    workers: int = field(0, help="Ray Data actors scoring users (0 = in this process, no Ray)")
+    worker_cpus: float = field(1.0, help="CPUs per Ray actor (also its torch threads)")
+    worker_gpus: float = field(0.0, help="GPUs per Ray actor (> 0 runs inference on CUDA)")
+    ray_address: Optional[str] = field(None, help="Ray cluster to join (default: $RAY_ADDRESS or in-process Ray on 127.0.0.1)")
+    seed: int = field(0, help="seed of the uniform user sample (max_users)")
+    confidence: float = field(0.95, help="level of the reported confidence intervals (normal approximation over users)")
+    tau_sweep: list = field([], help="tau values of the recall-diversity curve (cobra mode; PNG + JSON), e.g. tau_sweep=[0.1,0.3,1,3,10]")
+    plots: bool = field(False, help="also draw the item-embedding figures (intra/inter-ID cosine heatmap, 2-D map by ID)")
+    plot_ids: int = field(16, help="embedding plots: the largest IDs drawn")
+    plot_items: int = field(1500, help="embedding plots: items sampled for the 2-D map")
 
     def __post_init__(self) -> None:
         if self.split_name not in ("valid", "test"):
             raise ConfigError("split_name must be valid or test")
+        if not self.ks or any(int(k) <= 0 for k in self.ks):
+            raise ConfigError("ks must be a non-empty list of positive cut-offs")
+        if self.workers < 0 or self.worker_cpus <= 0 or self.worker_gpus < 0:
+            raise ConfigError("workers must be >= 0, worker_cpus > 0, worker_gpus >= 0")
+        if not 0 < self.confidence < 1:
+            raise ConfigError("confidence must be in (0, 1)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("device must be auto|cpu|cuda")
+        if self.max_users < 0 or self.batch_users <= 0:
+            raise ConfigError("max_users must be >= 0 and batch_users > 0")
+
+
+@dataclass
+class ExportConfig:
+    """``cobra export``: a DeepSpeed checkpoint of a distributed run -> plain artifacts that `load_run` reads."""
+
+    run: str = field(help="run folder of `cobra train launcher=ray` (its config.yaml and ray/ checkpoints)")
+    out: str = field(help="export folder: best/model.safetensors, text_encoder/ (save_pretrained), config.yaml, ids/, items.parquet")
+    checkpoint: Optional[str] = field(None, help="checkpoint folder to export (default: the run's latest)")
+    copy_catalogue: bool = field(True, help="copy items.parquet and the semantic IDs into the export (self-contained)")
 
 
 @dataclass

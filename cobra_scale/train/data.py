@@ -92,11 +92,14 @@ def load_catalogue(items_path: str | Path, sids_path: str | Path, tokenizer, tex
 
 def read_sequences(path: str | Path, catalogue: Catalogue, column: str = "item_ids") -> list[np.ndarray]:
     """Per-user arrays of catalogue indices from a sequences table (unknown items dropped)."""
-    return _list_indices(read_table(path, columns=["user_id", column]), column, catalogue, path)
+    return list_indices(read_table(path, columns=["user_id", column]), column, catalogue, path)
 
 
-def _list_indices(table, column: str, catalogue: Catalogue, path: str | Path) -> list[np.ndarray]:
-    """The list column ``column`` of ``table`` as per-row arrays of catalogue indices."""
+def list_indices(table, column: str, catalogue: Catalogue, path: str | Path) -> list[np.ndarray]:
+    """The list column ``column`` of ``table`` as per-row arrays of catalogue indices.
+
+    ``catalogue`` needs only ``index_of`` (the streaming reader passes an id index alone).
+    """
     col = table.column(column).combine_chunks()
     offsets = np.asarray(col.offsets)
     idx = catalogue.index_of(np.asarray(col.values, dtype=np.int64)[offsets[0] : offsets[-1]])
@@ -143,9 +146,13 @@ class EvalSet:
 
 def load_examples(path: str | Path, catalogue: Catalogue, max_history: int) -> EvalSet:
     """Validation/test rows (history -> targets) as left-padded index tensors."""
-    table = read_table(path, columns=["user_id", "history", "targets"])
-    hist = _list_indices(table, "history", catalogue, path)
-    targets = _list_indices(table, "targets", catalogue, path)
+    return examples_from_table(read_table(path, columns=["user_id", "history", "targets"]), catalogue, max_history, path)
+
+
+def examples_from_table(table, catalogue: Catalogue, max_history: int, path: str | Path = "examples") -> EvalSet:
+    """:func:`load_examples` of an already read examples table."""
+    hist = list_indices(table, "history", catalogue, path)
+    targets = list_indices(table, "targets", catalogue, path)
     history = torch.full((len(hist), max_history), -1, dtype=torch.long)
     for row, h in enumerate(hist):
         h = h[-max_history:]

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from cobra_scale.config import load_config, save_config
-from cobra_scale.devices import pick_device
+from cobra_scale.devices import pick_device, pick_precision
 from cobra_scale.errors import CobraError, DataError
 from cobra_scale.model.cobra import Batch, CobraModel, Losses
 from cobra_scale.retrieve.recommender import InferenceParams, Recommender
@@ -90,15 +90,35 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def make_optimizer(model: CobraModel, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on embeddings, norms, biases)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, steps_per_epoch * cfg.epochs))
+
+
 # ----------------------------------------------------------------------------- step
 
 
-def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float, precision: str = "fp32") -> Losses:
-    """One optimisation step on one batch (the unit the distributed trainer wraps)."""
+def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float, precision: str = "fp32", engine=None) -> Losses:
+    """One optimisation step on one batch (the unit the distributed trainer wraps).
+
+    With a DeepSpeed ``engine`` (``model`` is then the engine itself) the engine owns the
+    backward (loss scaling, gradient accumulation, ZeRO reduce-scatter), clipping
+    (``gradient_clipping`` of its config), the optimiser and the scheduler step.
+    """
     model.train()
     device_type = batch.seq.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         losses = model(batch)
+    if engine is not None:
+        engine.backward(losses.total)
+        engine.step()
+        return losses
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     if grad_clip > 0:
@@ -191,11 +211,16 @@ def plot_curve(history: list[dict], path: Path) -> None:
 
 
 def run(cfg: TrainConfig) -> dict:
+    if cfg.launcher == "ray":
+        from cobra_scale.train.ray_trainer import run as run_distributed
+
+        return run_distributed(cfg)
     started = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = torch.device(pick_device(cfg.device))
+    precision = pick_precision(cfg.precision, device.type)
     out = Path(cfg.out)
     catalogue, _ = prepare(cfg)
     split = Path(cfg.data) / "splits" / cfg.split
@@ -212,11 +237,9 @@ def run(cfg: TrainConfig) -> dict:
     model.dense_loss_impl = cfg.dense_loss_impl
     if cfg.init_embeddings:
         init_token_embeddings(model)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(windows) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, steps_per_epoch * cfg.epochs))
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": []}
     last = out / "checkpoints" / "last"
     if cfg.resume and (last / "state.json").is_file():
@@ -242,7 +265,7 @@ def run(cfg: TrainConfig) -> dict:
         for i in bar:
             chunk = [windows[j] for j in order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
             batch = batch_to(trim_tokens(collate(chunk, catalogue)), device)
-            losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, cfg.precision)
+            losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, precision)
             for k in sums:
                 sums[k] += float(getattr(losses, k).detach())
             state["step"] += 1

@@ -1,0 +1,193 @@
+"""Large-batch evaluation: many inference settings over many users, locally or on Ray Data.
+
+Both paths run :func:`score_batch` — the Recommender's inference and the per-user metrics
+— on batches of users; they differ only in who runs it:
+
+* :func:`evaluate_local`: a loop in this process;
+* :func:`evaluate_ray`: a Ray Data actor pool (each actor opens the run and its index
+  once, then scores batches), in-process Ray on 127.0.0.1 by default or a cluster given
+  by ``address`` / ``$RAY_ADDRESS``. The driver only sums per-user values.
+
+Every setting is scored on the same users in one pass, so settings share the model
+loading and the data movement. Results are means over users that have a target, with a
+confidence half-width (:class:`~cobra_scale.eval.metrics.UserMeans`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cobra_scale.eval.metrics import UserMeans, user_metrics
+from cobra_scale.retrieve.recommender import InferenceParams, Recommender
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One inference configuration to score, named in the results (e.g. ``cobra|masked``)."""
+
+    name: str
+    params: InferenceParams
+
+
+@dataclass
+class SettingsResult:
+    means: dict[str, UserMeans]  # setting name -> accumulated per-user values
+    users: int  # users scored (with or without a target)
+    seconds: float  # wall time of the pass (model loading on workers included)
+
+    def table(self, confidence: float = 0.95) -> dict[str, dict]:
+        """``{setting: {"metrics": {name: mean}, "ci": {name: half-width}, "users": n}}``."""
+        return {
+            name: {"metrics": m.mean(), "ci": m.half_width(confidence), "users": m.count}
+            for name, m in self.means.items()
+        }
+
+
+def score_batch(rec: Recommender, history: torch.Tensor, targets: list[np.ndarray], settings: list[Setting], ks: tuple[int, ...], device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+    """Per-user metric columns ``{"<setting>/<metric>": (B,)}`` plus ``has_target`` (B,)."""
+    kmax = max(ks)
+    sids = rec.sids.cpu().numpy()
+    out: dict[str, np.ndarray] = {}
+    history = history.to(device)
+    has = None
+    for s in settings:
+        items, _ = rec.recommend(history, kmax, s.params)
+        values, has = user_metrics(items, targets, ks, sids)
+        for metric, v in values.items():
+            out[f"{s.name}/{metric}"] = v
+    out["has_target"] = has if has is not None else np.array([len(t) > 0 for t in targets])
+    return out
+
+
+def _accumulate(result: dict[str, UserMeans], columns: dict[str, np.ndarray]) -> None:
+    keep = np.asarray(columns["has_target"], dtype=bool)
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for key, v in columns.items():
+        if key == "has_target" or "/" not in key:
+            continue
+        setting, metric = key.rsplit("/", 1)
+        grouped.setdefault(setting, {})[metric] = v
+    for setting, values in grouped.items():
+        result.setdefault(setting, UserMeans()).update(values, keep)
+
+
+def evaluate_local(
+    rec: Recommender,
+    history: torch.Tensor,
+    targets: list[np.ndarray],
+    settings: list[Setting],
+    ks: tuple[int, ...],
+    batch_users: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> SettingsResult:
+    """Score every setting on every user, in this process."""
+    started = time.perf_counter()
+    means: dict[str, UserMeans] = {}
+    starts = range(0, len(targets), batch_users)
+    for lo in tqdm(starts, desc=f"eval {len(settings)} setting(s)", unit="batch", disable=not progress, leave=False):
+        _accumulate(means, score_batch(rec, history[lo : lo + batch_users], targets[lo : lo + batch_users], settings, ks, device))
+    return SettingsResult(means, len(targets), time.perf_counter() - started)
+
+
+def pack_users(history: torch.Tensor, targets: list[np.ndarray]) -> np.ndarray:
+    """(U, 1 + S + T) int64 rows: ``[row, history (S), targets (T, -1 padded)]``."""
+    u, s = history.shape
+    t = max((len(x) for x in targets), default=0)
+    rows = np.full((u, 1 + s + max(t, 1)), -1, dtype=np.int64)
+    rows[:, 0] = np.arange(u)
+    rows[:, 1 : 1 + s] = history.numpy()
+    for i, x in enumerate(targets):
+        rows[i, 1 + s : 1 + s + len(x)] = x
+    return rows
+
+
+def unpack_users(rows: np.ndarray, history_len: int) -> tuple[torch.Tensor, list[np.ndarray]]:
+    history = torch.from_numpy(np.ascontiguousarray(rows[:, 1 : 1 + history_len]))
+    tail = rows[:, 1 + history_len :]
+    return history, [r[r >= 0] for r in tail]
+
+
+class RecommenderActor:
+    """A Ray Data actor: opens the run (and its index) once, then scores batches of users."""
+
+    def __init__(self, run: str, index: str | None, device: str, settings: list[tuple[str, dict]], ks: tuple[int, ...], history_len: int, threads: int):
+        from cobra_scale.retrieve.build import load_recommender
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.rec, _, _, self.device = load_recommender(run, index, device)
+        self.settings = [Setting(name, InferenceParams(**p)) for name, p in settings]
+        self.ks, self.history_len = tuple(ks), history_len
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        history, targets = unpack_users(batch["data"], self.history_len)
+        return score_batch(self.rec, history, targets, self.settings, self.ks, self.device)
+
+
+def evaluate_ray(
+    run: str,
+    index: str | None,
+    history: torch.Tensor,
+    targets: list[np.ndarray],
+    settings: list[Setting],
+    ks: tuple[int, ...],
+    batch_users: int = 256,
+    workers: int = 2,
+    worker_cpus: float = 1.0,
+    worker_gpus: float = 0.0,
+    device: str = "auto",
+    address: str | None = None,
+    progress: bool = True,
+) -> SettingsResult:
+    """Score every setting on every user with a Ray Data pool of ``workers`` actors."""
+    from cobra_scale.distributed import init_ray
+
+    started = time.perf_counter()
+    was_running = _ray_running()
+    ray = init_ray(address)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = progress
+        rows = pack_users(history, targets)
+        block = max(batch_users, -(-len(rows) // max(4 * workers, 1)))  # >= 4 blocks per actor
+        ds = ray.data.from_numpy([rows[lo : lo + block] for lo in range(0, len(rows), block)])
+        threads = max(1, int(worker_cpus)) if worker_gpus == 0 else 0
+        scored = ds.map_batches(
+            RecommenderActor,
+            fn_constructor_kwargs={
+                "run": str(run),
+                "index": str(index) if index else None,
+                "device": "cuda" if worker_gpus > 0 else ("cpu" if device == "auto" else device),
+                "settings": [(s.name, asdict(s.params)) for s in settings],
+                "ks": tuple(ks),
+                "history_len": history.shape[1],
+                "threads": threads,
+            },
+            batch_size=batch_users,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=worker_cpus,
+            num_gpus=worker_gpus,
+        )
+        means: dict[str, UserMeans] = {}
+        for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+            _accumulate(means, batch)
+    finally:
+        if not was_running:
+            ray.shutdown()
+    return SettingsResult(means, len(targets), time.perf_counter() - started)
+
+
+def _ray_running() -> bool:
+    import sys
+
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()

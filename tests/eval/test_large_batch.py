@@ -1,0 +1,130 @@
+"""Large-K metrics by hand, confidence intervals, `cobra eval` outputs, Ray path == local path."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cobra_scale.cli import main
+from cobra_scale.eval.metrics import UserMeans, diversity, user_metrics
+
+KS = (50, 100, 200, 500, 800)
+
+
+def test_large_k_metrics_hand_computed():
+    # user 0: one target at 0-based rank 70; user 1: targets at ranks 10, 300, 900 (absent);
+    # user 2: no target (left out of averages).
+    ranked = np.tile(np.arange(800, dtype=np.int64), (3, 1))
+    ranked[2, 600:] = -1  # fewer than 800 candidates: padding
+    targets = [np.array([70]), np.array([10, 300, 5000]), np.array([], dtype=np.int64)]
+    sids = np.arange(800) // 100  # 8 IDs of 100 consecutive items
+    values, has = user_metrics(ranked, targets, KS, sids)
+    assert has.tolist() == [True, True, False]
+    assert values["recall@50"][:2].tolist() == [0, pytest.approx(1 / 3)]
+    assert values["recall@100"][:2].tolist() == [1, pytest.approx(1 / 3)]
+    assert values["recall@500"][:2].tolist() == [1, pytest.approx(2 / 3)]
+    assert values["ndcg@100"][0] == pytest.approx(1 / math.log2(72))
+    idcg3 = 1 + 1 / math.log2(3) + 1 / math.log2(4)
+    assert values["ndcg@800"][1] == pytest.approx((1 / math.log2(12) + 1 / math.log2(302)) / idcg3)
+    assert values["ndcg@50"][1] == pytest.approx((1 / math.log2(12)) / idcg3)
+    # diversity: distinct IDs among the top k (user 2 has 600 real items: IDs 0..5)
+    assert values["diversity@50"].tolist() == [1, 1, 1]
+    assert values["diversity@200"].tolist() == [2, 2, 2]
+    assert values["diversity@800"].tolist() == [8, 8, 6]
+    assert diversity(np.array([[3, -1, 3, 7]]), np.array([0, 0, 0, 5, 0, 0, 0, 5]), [4])["diversity@4"].tolist() == [1]
+
+
+def test_user_means_confidence_interval():
+    acc = UserMeans()
+    acc.update({"r": np.array([1.0, 0.0, 1.0])}, np.array([True, True, True]))
+    acc.update({"r": np.array([0.0, 9.0])}, np.array([True, False]))  # the 9 is not counted
+    assert acc.count == 4 and acc.mean()["r"] == 0.5
+    # s^2 = (4 * 0.25) / 3; half-width = 1.959964 * s / 2
+    assert acc.half_width(0.95)["r"] == pytest.approx(1.959964 * math.sqrt(1 / 3) / 2, rel=1e-5)
+    other = UserMeans()
+    other.update({"r": np.array([1.0])}, np.array([True]))
+    assert acc.merge(other).mean()["r"] == pytest.approx(3 / 5)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from tests.retrieve.fixtures import tiny_run
+
+    return tiny_run(tmp_path_factory.mktemp("ev"))
+
+
+@pytest.mark.slow
+def test_eval_command_writes_json_table_and_figures(run, tmp_path, capsys):
+    index = tmp_path / "index"
+    assert main(["index", "--run", str(run), "--out", str(index), "--shards", "2"]) == 0
+    out = tmp_path / "ev"
+    rc = main(["eval", "--run", str(run), "--index", str(index), "--out", str(out), "--exclude-history", "--max-users", "80",
+               "ks=[5,10,40]", "modes=[cobra,no_fusion]", "grid_tau=[0.5,2]", "tau_sweep=[0.1,1,10]", "plots=true"])
+    assert rc == 0
+    res = json.loads((out / "eval_test.json").read_text())
+    assert res["users"] == 80 and res["population"] == 120 and res["sampled"]
+    cobra = res["modes"]["cobra"]
+    assert cobra["chosen_on_valid"]["tau"] in (0.5, 2.0) and len(cobra["valid_grid"]) == 2
+    for name in ("recall@40", "ndcg@40", "diversity@40"):
+        assert 0 <= cobra["history_not_masked"][name] and cobra["ci"][name] >= 0
+    assert res["modes"]["no_fusion"]["history_masked"]["recall@40"] <= 1
+    assert [p["tau"] for p in res["tau_sweep"]["points"]] == [0.1, 1.0, 10.0]
+    assert res["embeddings"]["cosine"]["ids"] > 1 and res["embeddings"]["map"]["items"] > 0
+    for f in ("eval_test.md", "tau_sweep_test.png", "embeddings_cosine.png", "embeddings_map.png"):
+        assert (out / f).stat().st_size > 0
+    table = (out / "eval_test.md").read_text()
+    assert "| cobra | masked |" in table and "R@40" in table and "80 users of 120" in table
+    # the chosen cobra setting, scored alone, gives the same numbers (one pass == separate passes)
+    from cobra_scale.eval.batch import Setting, evaluate_local
+    from cobra_scale.retrieve.build import load_recommender
+    from cobra_scale.retrieve.recommender import InferenceParams
+    from cobra_scale.train.data import load_examples
+
+    rec, catalogue, tcfg, device = load_recommender(run, index)
+    users = load_examples(run.parent / "data" / "splits" / "loo" / "test", catalogue, tcfg.model.max_items - 1).sample(80, 0)
+    chosen = InferenceParams(mode="cobra", beams=8, tau=cobra["chosen_on_valid"]["tau"], psi=cobra["chosen_on_valid"]["psi"])
+    alone = evaluate_local(rec, users.history, users.targets, [Setting("c", chosen)], (5, 10, 40), progress=False).table()["c"]
+    for name, v in cobra["history_not_masked"].items():
+        assert alone["metrics"][name] == pytest.approx(v, abs=1e-9)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--split", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "splits/nosuch/" in err and "not found" in err
+
+
+def test_eval_config_errors(tmp_path, capsys):
+    assert main(["eval", "--run", str(tmp_path), "ks=[]"]) == 2
+    assert "ks must be" in capsys.readouterr().err
+    assert main(["eval", "--run", str(tmp_path), "--workers", "-1"]) == 2
+    assert main(["eval", "--run", str(tmp_path), "confidence=1.5"]) == 2
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path), "ks=[5]", "select_on=ndcg@10"]) == 2
+    assert "select_on" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_ray_path_equals_local_path(run):
+    """The Ray Data actor pool (in-process Ray, loopback) and the local loop agree."""
+    from cobra_scale.eval.batch import Setting, evaluate_local, evaluate_ray
+    from cobra_scale.retrieve.build import load_recommender
+    from cobra_scale.retrieve.recommender import InferenceParams
+    from cobra_scale.train.data import load_examples
+
+    rec, catalogue, tcfg, device = load_recommender(run)
+    users = load_examples(run.parent / "data" / "splits" / "loo" / "test", catalogue, tcfg.model.max_items - 1)
+    settings = [Setting("cobra", InferenceParams(beams=8)), Setting("nf|masked", InferenceParams(mode="no_fusion", exclude_history=True))]
+    ks = (5, 10, 20)
+    local = evaluate_local(rec, users.history, users.targets, settings, ks, batch_users=32, progress=False)
+    remote = evaluate_ray(str(run), None, users.history, users.targets, settings, ks, batch_users=32, workers=2, worker_cpus=0.5, progress=False)
+    assert remote.users == local.users == 120
+    a, b = local.table(), remote.table()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert b[name]["users"] == a[name]["users"]
+        for metric, v in a[name]["metrics"].items():
+            assert b[name]["metrics"][metric] == pytest.approx(v, abs=1e-9)
+    import ray
+
+    assert not ray.is_initialized()  # the in-process Ray it started is shut down

@@ -1,0 +1,109 @@
+"""The streaming input and the launcher config of the distributed trainer (no Ray needed)."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from cobra_scale.cli import main
+from cobra_scale.config import load_config
+from cobra_scale.data.io import read_table, write_table
+from cobra_scale.errors import ConfigError
+from cobra_scale.train.configs import TrainConfig
+from cobra_scale.train.data import load_examples, read_sequences, training_windows
+from cobra_scale.train.ray_trainer import resolve_ds_config
+from cobra_scale.train.streaming import (
+    catalogue_arrays,
+    catalogue_from_arrays,
+    count_windows,
+    cut_windows,
+    sample_examples,
+    windows_of,
+)
+from cobra_scale.train.trainer import prepare
+from tests.model.fixtures import tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def config(root, *extra):
+    return load_config(TrainConfig, dotlist=[f"data={root}", f"ids={root / 'ids'}", f"out={root / 'run'}", "model.text_tokens=12", *extra])
+
+
+@pytest.fixture(scope="module")
+def catalogue(data):
+    return prepare(config(data))[0]
+
+
+@pytest.mark.parametrize("max_items", [2, 3, 6, 21])
+def test_cut_windows_are_the_local_windows(data, catalogue, max_items):
+    train = data / "splits" / "loo" / "train"
+    # one unknown item id (999) is dropped, as read_sequences does
+    table = read_table(train, columns=["item_ids"])
+    table = pa.table({"item_ids": table.column("item_ids").to_pylist()[:-1] + [[3, 999, 4, 5]]})
+    block = cut_windows(table, catalogue.item_ids, max_items)["window"]
+    assert block.shape[1] == max_items and block.dtype == np.int64
+    sequences = read_sequences(train, catalogue)[:-1] + [catalogue.index_of(np.array([3, 4, 5]))]
+    expected = training_windows(sequences, max_items)
+    assert len(block) == len(expected)
+    for got, want in zip(windows_of(block), expected):
+        np.testing.assert_array_equal(got, want)
+    users, n = count_windows(train, max_items)
+    assert users == 120 and n == len(training_windows(read_sequences(train, catalogue), max_items))
+
+
+def test_sample_examples_draws_the_same_users_as_load_examples(data, catalogue, tmp_path):
+    valid = data / "splits" / "loo" / "valid"
+    # three files with small row groups: the sampler must cross file and group boundaries
+    table = read_table(valid)
+    for i, (lo, hi) in enumerate([(0, 50), (50, 51), (51, 120)]):
+        write_table(table.slice(lo, hi - lo), tmp_path / f"part-{i:05d}.parquet", row_group_rows=7)
+    for n in (0, 1, 33, 120, 500):
+        want = load_examples(tmp_path, catalogue, 8).sample(n, seed=3)
+        got = sample_examples(tmp_path, catalogue, 8, n, seed=3)
+        assert torch.equal(got.history, want.history)
+        np.testing.assert_array_equal(got.user_ids, want.user_ids)
+        assert all(np.array_equal(a, b) for a, b in zip(got.targets, want.targets))
+
+
+def test_catalogue_broadcast_round_trip(catalogue):
+    arrays = catalogue_arrays(catalogue)
+    for value in arrays.values():
+        value.setflags(write=False)  # as they come out of Ray's object store
+    back = catalogue_from_arrays(arrays)
+    assert torch.equal(back.tokens, catalogue.tokens) and torch.equal(back.codes, catalogue.codes)
+    assert back.codes_per_level == catalogue.codes_per_level
+    np.testing.assert_array_equal(back.index_of(np.array([1, 40, 41])), [0, 39, -1])
+
+
+def test_ds_config_batch_fields_follow_the_trainer(data, tmp_path):
+    cfg = config(data, "launcher=ray", "batch_size=64", "distributed.workers=2", "distributed.grad_accum=4", "grad_clip=0.5")
+    ds = resolve_ds_config(cfg)
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is False
+    for stage in (1, 3):
+        assert resolve_ds_config(config(data, f"distributed.deepspeed=configs/deepspeed/zero{stage}.json"))["zero_optimization"]["stage"] == stage
+    with pytest.raises(ConfigError, match="divisible"):
+        resolve_ds_config(config(data, "batch_size=30", "distributed.workers=4"))
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_batch_size": 128, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="contradicts"):
+        resolve_ds_config(config(data, "batch_size=64", f"distributed.deepspeed={bad}"))
+    bad.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match="optimizer"):
+        resolve_ds_config(config(data, f"distributed.deepspeed={bad}"))
+
+
+def test_launcher_errors_are_one_line(data, tmp_path, capsys):
+    args = ["train", "--data", str(data), "--ids", str(data / "ids"), "--out", str(tmp_path / "o"), "launcher=ray"]
+    assert main([*args, "distributed.deepspeed=nope.json"]) == 2
+    assert capsys.readouterr().err.startswith("error: DeepSpeed config nope.json not found")
+    assert main([*args, "launcher=mpi"]) == 2
+    assert "launcher must be local or ray" in capsys.readouterr().err
+    assert main(["export", "--run", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
