@@ -107,6 +107,24 @@ def load_config(
     return obj  # type: ignore[return-value]
 
 
+def config_from_mapping(schema: type[T], args: Any, what: str = "application args") -> T:
+    """A validated ``schema`` object from a plain mapping (e.g. Ray Serve application ``args``).
+
+    Raises ConfigError (one line) when ``args`` is not a mapping, lacks a required key,
+    names an unknown key or has a value of the wrong type.
+    """
+    if not isinstance(args, dict):
+        raise ConfigError(f"{what} must be a mapping, got {type(args).__name__}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(args))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{what} lack: {', '.join(missing)}")
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid {what}: {_one_line(exc)}") from exc
+
+
 def _to_yaml_scalar(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

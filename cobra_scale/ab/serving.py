@@ -30,6 +30,7 @@ from cobra_scale.ab.bucketing import canonical_user_id
 from cobra_scale.ab.configs import EXPLICIT_ARM, ABAppConfig, ABConfig
 from cobra_scale.ab.exposure import ExposureLogger
 from cobra_scale.ab.router import ABRouter, Route
+from cobra_scale.config import config_from_mapping
 from cobra_scale.errors import ConfigError
 from cobra_scale.serve.schemas import Limits, first_error_line, request_model
 from cobra_scale.serve.service import HistoryTable, ModelClient, ServiceBackend
@@ -122,19 +123,7 @@ def ab_app_config(args: Any) -> ABAppConfig:
     """``args`` (dict from YAML, or a config object) -> a validated :class:`ABAppConfig`."""
     if isinstance(args, ABAppConfig):
         return args
-    if not isinstance(args, dict):
-        raise ConfigError(f"application args must be a mapping, got {type(args).__name__}")
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ABAppConfig), OmegaConf.create(args))
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise ConfigError(f"application args lack: {', '.join(missing)}")
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid application args: {str(exc).strip().splitlines()[0]}") from exc
+    return config_from_mapping(ABAppConfig, args)
 
 
 def serve_config(args: dict, ab: dict, name: str = "cobra_ab", host: str = "127.0.0.1", port: int = 8000) -> dict:

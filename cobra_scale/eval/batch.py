@@ -58,8 +58,8 @@ def score_batch(rec: Recommender, history: torch.Tensor, targets: list[np.ndarra
     out: dict[str, np.ndarray] = {}
     history = history.to(device)
     has = None
-    for s in settings:
-        items, _ = rec.recommend(history, kmax, s.params)
+    # settings differing only in tau/psi share one beam search (Recommender.recommend_many)
+    for s, (items, _) in zip(settings, rec.recommend_many(history, kmax, [s.params for s in settings])):
         values, has = user_metrics(items, targets, ks, sids)
         for metric, v in values.items():
             out[f"{s.name}/{metric}"] = v

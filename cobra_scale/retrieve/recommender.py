@@ -113,17 +113,50 @@ class Recommender:
                 hit = (items[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)
                 scores = scores.masked_fill(hit.any(-1), float("-inf"))
             return _topk_padded(items, scores, k)
-        # cobra: candidates of every beam's ID, scored by BeamFusion
+        return self._fuse(self._cobra_candidates(beams, exclude), k, params)
+
+    def _cobra_candidates(self, beams, exclude: torch.Tensor | None):
+        """Candidates of every beam's ID and their cosine with that beam's dense vector: (B, M, C) each."""
+        b, m = beams.scores.shape
         cand, cos = self.index.search_in_ids(beams.dense.reshape(b * m, -1), beams.sids.view(-1))
         cand, cos = cand.view(b, m, -1), cos.view(b, m, -1)
         cos = cos.masked_fill(~torch.isfinite(beams.scores)[:, :, None], float("-inf"))
         if exclude is not None:
             hit = (cand[:, :, :, None] == exclude[:, None, None, :]) & (exclude[:, None, None, :] >= 0)
             cos = cos.masked_fill(hit.any(-1), float("-inf"))
-        fused = beam_fusion(beams.scores, cos, params.tau, params.psi, params.normalize)
+        return beams.scores, cand, cos
+
+    @staticmethod
+    def _fuse(candidates, k: int, params: InferenceParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """BeamFusion of :meth:`_cobra_candidates`, top ``k``."""
+        beam_scores, cand, cos = candidates
+        b = cand.shape[0]
+        fused = beam_fusion(beam_scores, cos, params.tau, params.psi, params.normalize)
         fused = fused.masked_fill(~torch.isfinite(cos), float("-inf"))
         return _topk_padded(cand.view(b, -1), fused.view(b, -1), k)
 
+    @torch.no_grad()
+    def recommend_many(self, history: torch.Tensor, k: int, settings: list[InferenceParams]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`recommend` for several settings of the same users, in order.
+
+        COBRA settings that differ only in ``tau`` / ``psi`` / ``normalize`` share one beam
+        search and one candidate search (the expensive parts); the results equal separate
+        :meth:`recommend` calls.
+        """
+        out: list = [None] * len(settings)
+        shared: dict[tuple[int, bool], list[int]] = {}
+        for i, p in enumerate(settings):
+            if p.mode == "cobra" and self.index is not None:
+                shared.setdefault((p.beams, p.exclude_history), []).append(i)
+            else:
+                out[i] = self.recommend(history, k, p)
+        for (beams_m, exclude_history), members in shared.items():
+            codes, vectors, valid = self._history_inputs(history)
+            beams = beam_search(self.model, codes, vectors, valid, self.masks, beams_m, with_dense=True)
+            candidates = self._cobra_candidates(beams, history if exclude_history else None)
+            for i in members:
+                out[i] = self._fuse(candidates, k, settings[i])
+        return out
 
     def _liger(self, beams, k: int, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Items of the M beam IDs plus the cold-start items, by cosine with the top beam's vector."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cobra_scale.config import load_config
+from cobra_scale.config import config_from_mapping, load_config
 from cobra_scale.errors import ConfigError
 from cobra_scale.serve.configs import AppConfig, app_fields
 from cobra_scale.serve.schemas import Limits, first_error_line
@@ -29,19 +29,7 @@ def app_config(args: Any) -> AppConfig:
     """``args`` (dict from YAML, or a config object) -> a validated :class:`AppConfig`."""
     if isinstance(args, AppConfig):
         return AppConfig(**app_fields(args))
-    if not isinstance(args, dict):
-        raise ConfigError(f"application args must be a mapping, got {type(args).__name__}")
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(AppConfig), OmegaConf.create(args))
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise ConfigError(f"application args lack: {', '.join(missing)}")
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"invalid application args: {str(exc).strip().splitlines()[0]}") from exc
+    return config_from_mapping(AppConfig, args)
 
 
 def model_window(run: Path) -> int:

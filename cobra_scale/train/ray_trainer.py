@@ -339,7 +339,6 @@ def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from cobra_scale.eval.offline import evaluate
     from cobra_scale.model.cobra import CobraModel
     from cobra_scale.train.data import batch_to
     from cobra_scale.train.streaming import catalogue_from_arrays, iter_train_batches, sample_examples
@@ -347,11 +346,11 @@ def train_loop_per_worker(config: dict) -> None:
         inference_params,
         init_token_embeddings,
         make_optimizer,
-        make_recommender,
         make_scheduler,
         plot_curve,
         save_weights,
         train_step,
+        validate_and_keep_best,
     )
 
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
@@ -455,14 +454,7 @@ def train_loop_per_worker(config: dict) -> None:
             eval_model.load_state_dict(weights)
             record["temperature"] = float(eval_model.temperature.detach())
             if evaluate_now:
-                record["valid"] = evaluate(make_recommender(eval_model, catalogue, device), valid.history, valid.targets, params, progress=False, device=device)
-                score = record["valid"]["ndcg@10"]
-                if score > state["best"]:
-                    state.update(best=score, best_epoch=epoch, bad_evals=0)
-                    save_weights(eval_model, out / "best")
-                    save_config(cfg, out / "best")
-                else:
-                    state["bad_evals"] += 1
+                record["valid"] = validate_and_keep_best(eval_model, catalogue, valid, params, device, state, epoch, cfg, out)
             if state["bad_evals"] >= cfg.patience:
                 decision[0] = f"early stop (no improvement in {cfg.patience} validations)"
             elif time.time() - config["started"] > budget_s:

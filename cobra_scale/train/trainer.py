@@ -153,6 +153,26 @@ def inference_params(icfg: InferenceConfig, exclude_history: bool = False) -> In
     return InferenceParams(icfg.mode, icfg.beams, icfg.tau, icfg.psi, icfg.normalize, exclude_history)
 
 
+def validate_and_keep_best(model: CobraModel, catalogue: Catalogue, valid, params: InferenceParams, device, state: dict, epoch: int,
+                           cfg: TrainConfig, out: Path) -> dict[str, float]:
+    """Validation metrics of ``model``; saves it to ``out/best`` when valid ndcg@10 improves.
+
+    Updates ``state`` (``best``, ``best_epoch``, ``bad_evals``) for early stopping. Both
+    launchers call this, so a run chooses its checkpoint the same way under either.
+    """
+    from cobra_scale.eval.offline import evaluate
+
+    metrics = evaluate(make_recommender(model, catalogue, device), valid.history, valid.targets, params, progress=False, device=device)
+    score = metrics["ndcg@10"]
+    if score > state["best"]:
+        state.update(best=score, best_epoch=epoch, bad_evals=0)
+        save_weights(model, out / "best")
+        save_config(cfg, out / "best")
+    else:
+        state["bad_evals"] += 1
+    return metrics
+
+
 def save_weights(model: CobraModel, folder: Path) -> None:
     from safetensors.torch import save_file
 
@@ -273,17 +293,7 @@ def run(cfg: TrainConfig) -> dict:
         record = {"epoch": epoch, "step": state["step"], **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
                   "temperature": float(model.temperature.detach()), "elapsed_s": round(time.perf_counter() - started, 1)}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            from cobra_scale.eval.offline import evaluate
-
-            rec = make_recommender(model, catalogue, device)
-            record["valid"] = evaluate(rec, valid.history, valid.targets, params, progress=False, device=device)
-            score = record["valid"]["ndcg@10"]
-            if score > state["best"]:
-                state.update(best=score, best_epoch=epoch, bad_evals=0)
-                save_weights(model, out / "best")
-                save_config(cfg, out / "best")
-            else:
-                state["bad_evals"] += 1
+            record["valid"] = validate_and_keep_best(model, catalogue, valid, params, device, state, epoch, cfg, out)
         state["epoch"] = epoch
         state["history"].append(record)
         _save_last(model, optimizer, scheduler, state, last)

@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from cobra_scale.cli import main
 from cobra_scale.eval.metrics import UserMeans, diversity, user_metrics

@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -181,6 +180,21 @@ def test_recommender_modes_return_catalogue_items():
     items, _ = rec.recommend(hist, 5, InferenceParams(beams=16, exclude_history=True))
     for row in range(2):
         assert not set(items[row].tolist()) & set(hist[row][hist[row] >= 0].tolist())
+
+
+def test_recommend_many_equals_separate_calls():
+    """A tau/psi grid shares one beam search; every setting's answer is what recommend() gives alone."""
+    model = tiny_model()
+    tokens, mask, codes = catalogue()
+    rec = Recommender(model, codes, model.encode_items(tokens, mask))
+    hist = torch.tensor([[-1, 0, 1], [2, 3, 4], [-1, -1, 7]])
+    settings = [InferenceParams(tau=t, psi=p, beams=b, exclude_history=x, normalize=n)
+                for t in (0.5, 3.0) for p in (1.0, 20.0) for b in (4, 8) for x in (False, True) for n in ("global", "per_beam")]
+    settings += [InferenceParams(mode="no_fusion", beams=4), InferenceParams(mode="liger", beams=4)]
+    for params, (items, scores) in zip(settings, rec.recommend_many(hist, 6, settings)):
+        alone_items, alone_scores = rec.recommend(hist, 6, params)
+        assert torch.equal(items, alone_items), params
+        torch.testing.assert_close(scores, alone_scores, rtol=0, atol=0)
 
 
 def test_cold_start_item_is_retrievable_without_retraining():

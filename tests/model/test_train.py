@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from cobra_scale.cli import main
 from cobra_scale.config import load_config

@@ -1,6 +1,5 @@
 """The sharded IVF index keyed by sparse ID against the exact in-memory index."""
 
-import numpy as np
 import pytest
 import torch
 

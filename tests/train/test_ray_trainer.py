@@ -11,6 +11,8 @@ One uninterrupted ZeRO-2 run is the reference. Against it:
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -38,12 +40,24 @@ LOSS_TOL = {1: 1e-3, 2: 1e-5, 3: 1e-3}
 METRIC_TOL = 0.02  # validation recall/ndcg@10 on 120 users: one user is 0.0083
 
 
-def config(root, out, *extra):
-    return load_config(TrainConfig, dotlist=[
+def config(root, out, *extra) -> list[str]:
+    dotlist = [
         f"data={root}", f"ids={root / 'ids'}", f"out={out}", *SMALL, "launcher=ray", f"epochs={EPOCHS}", "patience=100",
         "distributed.workers=2", "distributed.cpus_per_worker=0.5", "distributed.checkpoint_every_steps=2",
         "distributed.log_every_steps=1", *extra,
-    ])
+    ]
+    load_config(TrainConfig, dotlist=dotlist)  # fail here, not in the child, on a bad key
+    return dotlist
+
+
+def run(head, dotlist: list[str]) -> dict:
+    """Train in a child process joined to the test's head; its summary."""
+    env = {**head.env, "RAY_ADDRESS": head.gcs_address}
+    done = subprocess.run([sys.executable, "-m", "tests.train.train_child", json.dumps(dotlist)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("SUMMARY ")]
+    assert done.returncode == 0 and lines, (done.stdout[-3000:] + done.stderr[-5000:])
+    return json.loads(lines[-1][len("SUMMARY "):])
 
 
 def step_losses(out) -> dict[int, float]:
@@ -55,23 +69,12 @@ def step_losses(out) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A head of our own (fixed ports: starts on a loaded machine too) that this process joins."""
-    from cobra_scale.distributed import init_ray
-
+    """A head of our own (fixed ports: starts on a loaded machine too); the trainings join it from child processes."""
     head = start_head(ROOT, num_cpus=4, dashboard=False)
-    previous = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
-        yield init_ray(head.gcs_address)
+        yield head
     finally:
-        import ray
-
-        ray.shutdown()
         stop_head(head.temp_dir)
-        if previous is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = previous
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +84,8 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(ray_cluster, data, tmp_path_factory):
-    from cobra_scale.train.trainer import run
-
     out = tmp_path_factory.mktemp("reference") / "run"
-    summary = run(config(data, out))
+    summary = run(ray_cluster, config(data, out))
     return out, summary, step_losses(out)
 
 
@@ -102,15 +103,13 @@ def test_reference_run_learns(reference):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_stops_and_resumes_like_an_uninterrupted_run(stage, reference, data, tmp_path):
-    from cobra_scale.train.trainer import run
-
+def test_zero_stage_stops_and_resumes_like_an_uninterrupted_run(stage, ray_cluster, reference, data, tmp_path):
     ref_out, ref_summary, ref_losses = reference
     out = tmp_path / "run"
     extra = [f"distributed.deepspeed=configs/deepspeed/zero{stage}.json"]
-    first = run(config(data, out, *extra, "distributed.max_steps=5"))  # stops one batch into epoch 2
+    first = run(ray_cluster, config(data, out, *extra, "distributed.max_steps=5"))  # stops one batch into epoch 2
     assert first["steps"] == 5 and first["stopped_by"].startswith("max_steps") and first["zero_stage"] == stage
-    second = run(config(data, out, *extra))
+    second = run(ray_cluster, config(data, out, *extra))
     assert second["steps"] == ref_summary["steps"] and second["epochs"] == EPOCHS
     losses = step_losses(out)
     assert sorted(losses) == sorted(ref_losses)
@@ -120,13 +119,11 @@ def test_zero_stage_stops_and_resumes_like_an_uninterrupted_run(stage, reference
         assert second[key] == pytest.approx(ref_summary[key], abs=METRIC_TOL), key
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(reference, data, tmp_path):
-    from cobra_scale.train.trainer import run
-
+def test_killed_worker_restarts_from_the_last_checkpoint(ray_cluster, reference, data, tmp_path):
     ref_out, ref_summary, ref_losses = reference
     out = tmp_path / "run"
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(run(config(data, out, "distributed.max_failures=1"))), daemon=True)
+    thread = threading.Thread(target=lambda: result.update(run(ray_cluster, config(data, out, "distributed.max_failures=1"))), daemon=True)
     thread.start()
     pid_file = out / "workers" / "rank_1.pid"
     deadline = time.monotonic() + 600
