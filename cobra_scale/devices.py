@@ -37,3 +37,31 @@ def pick_precision(precision: str, device: str) -> str:
         return precision
     logging.getLogger(__name__).warning("precision=bf16 requested but this CPU has no native bf16 (AVX512-BF16/AMX): training in fp32")
     return "fp32"
+
+
+def trim_host_memory() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``); a no-op elsewhere.
+
+    Training batches vary in shape (unique items per batch, text lengths), and glibc keeps
+    the freed blocks of each shape: measured on Beauty (CPU torch, 60 steps of 128
+    windows) RSS grew 1.75 -> 2.19 GB without trimming and stayed at 0.86 GB with it.
+    The trainers call this every few steps.
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+        import sys
+
+        _LIBC = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                _LIBC = libc if hasattr(libc, "malloc_trim") else False
+            except OSError:
+                pass
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None

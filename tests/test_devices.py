@@ -21,3 +21,20 @@ def test_bf16_on_a_cpu_without_native_bf16_falls_back_to_fp32(monkeypatch, caplo
 def test_other_precisions_and_gpus_are_left_alone():
     assert pick_precision("fp32", "cpu") == "fp32"
     assert pick_precision("bf16", "cuda") == "bf16"
+
+
+def test_trim_host_memory_calls_malloc_trim(monkeypatch):
+    import cobra_scale.devices as devices
+
+    calls = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            calls.append(pad)
+
+    monkeypatch.setattr(devices, "_LIBC", FakeLibc())
+    devices.trim_host_memory()
+    assert calls == [0]
+    monkeypatch.setattr(devices, "_LIBC", False)  # no glibc: a no-op
+    devices.trim_host_memory()
+    assert calls == [0]

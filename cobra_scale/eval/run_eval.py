@@ -60,7 +60,7 @@ def run(cfg: EvalConfig) -> dict:
             raise DataError(f"{split_dir / part} not found (make the split with `cobra data split`)")
     max_hist = tcfg.model.max_items - 1
     valid_all = load_examples(split_dir / "valid", catalogue, max_hist)
-    valid = valid_all.sample(cfg.max_users, cfg.seed)
+    valid = valid_all.sample(cfg.max_users if cfg.valid_users < 0 else cfg.valid_users, cfg.seed)
     target_all = valid_all if cfg.split_name == "valid" else load_examples(split_dir / cfg.split_name, catalogue, max_hist)
     target = target_all.sample(cfg.max_users, cfg.seed)
 
@@ -109,6 +109,7 @@ def run(cfg: EvalConfig) -> dict:
         "index": cfg.index,
         "users": len(target.targets),
         "population": len(target_all.targets),
+        "valid_grid_users": len(valid.targets),
         "sampled": len(target.targets) < len(target_all.targets),
         "sample_seed": cfg.seed,
         "users_with_targets": table[settings[0].name]["users"],

@@ -113,6 +113,7 @@ class EvalConfig:
     split_name: str = field("test", help="valid | test")
     batch_users: int = field(256, help="users per inference batch")
     max_users: int = field(0, help="evaluate a seeded sample of this many users (0 = all; report figures with 0)")
+    valid_users: int = field(-1, help="users sampled for the validation grid (-1 = as max_users, 0 = all); the grid only ranks settings")
     exclude_history: bool = field(False, help="also mask the user's history items (the papers' protocol does not)")
     grid_tau: list = field([], help="tau values tried on valid (empty = the run's)")
     grid_psi: list = field([], help="psi values tried on valid (empty = the run's)")
@@ -145,6 +146,8 @@ class EvalConfig:
             raise ConfigError("confidence must be in (0, 1)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("device must be auto|cpu|cuda")
+        if self.valid_users < -1:
+            raise ConfigError("valid_users must be >= -1")
         if self.max_users < 0 or self.batch_users <= 0:
             raise ConfigError("max_users must be >= 0 and batch_users > 0")
 

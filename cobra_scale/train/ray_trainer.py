@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from cobra_scale.config import save_config
-from cobra_scale.devices import pick_precision
+from cobra_scale.devices import pick_precision, trim_host_memory
 from cobra_scale.errors import CobraError, ConfigError, DataError
 from cobra_scale.train.configs import TrainConfig
 
@@ -343,6 +343,7 @@ def train_loop_per_worker(config: dict) -> None:
     from cobra_scale.train.data import batch_to
     from cobra_scale.train.streaming import catalogue_from_arrays, iter_train_batches, sample_examples
     from cobra_scale.train.trainer import (
+        TRIM_EVERY_STEPS,
         inference_params,
         init_token_embeddings,
         make_optimizer,
@@ -426,6 +427,8 @@ def train_loop_per_worker(config: dict) -> None:
             if engine.global_steps == before:
                 continue  # inside a gradient-accumulation window
             state["step"] = engine.global_steps
+            if state["step"] % TRIM_EVERY_STEPS == 0:
+                trim_host_memory()
             if progress is not None:
                 mean = {k: sum(p[k] for p in step_losses) / len(step_losses) for k in parts}
                 progress.step(

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from cobra_scale.config import load_config, save_config
-from cobra_scale.devices import pick_device, pick_precision
+from cobra_scale.devices import pick_device, pick_precision, trim_host_memory
 from cobra_scale.errors import CobraError, DataError
 from cobra_scale.model.cobra import Batch, CobraModel, Losses
 from cobra_scale.retrieve.recommender import InferenceParams, Recommender
@@ -43,6 +43,7 @@ from cobra_scale.train.data import (
 )
 
 log = logging.getLogger(__name__)
+TRIM_EVERY_STEPS = 10  # return the heap of variable-shape batches to the OS (devices.trim_host_memory)
 
 
 # ----------------------------------------------------------------------------- building
@@ -289,6 +290,8 @@ def run(cfg: TrainConfig) -> dict:
             for k in sums:
                 sums[k] += float(getattr(losses, k).detach())
             state["step"] += 1
+            if state["step"] % TRIM_EVERY_STEPS == 0:
+                trim_host_memory()
             bar.set_postfix(sparse=f"{float(losses.sparse.detach()):.3f}", dense=f"{float(losses.dense.detach()):.3f}")
         record = {"epoch": epoch, "step": state["step"], **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
                   "temperature": float(model.temperature.detach()), "elapsed_s": round(time.perf_counter() - started, 1)}

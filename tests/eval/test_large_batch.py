@@ -60,10 +60,11 @@ def test_eval_command_writes_json_table_and_figures(run, tmp_path, capsys):
     assert main(["index", "--run", str(run), "--out", str(index), "--shards", "2"]) == 0
     out = tmp_path / "ev"
     rc = main(["eval", "--run", str(run), "--index", str(index), "--out", str(out), "--exclude-history", "--max-users", "80",
-               "ks=[5,10,40]", "modes=[cobra,no_fusion]", "grid_tau=[0.5,2]", "tau_sweep=[0.1,1,10]", "plots=true"])
+               "ks=[5,10,40]", "modes=[cobra,no_fusion]", "grid_tau=[0.5,2]", "tau_sweep=[0.1,1,10]", "plots=true",
+               "valid_users=60"])
     assert rc == 0
     res = json.loads((out / "eval_test.json").read_text())
-    assert res["users"] == 80 and res["population"] == 120 and res["sampled"]
+    assert res["users"] == 80 and res["population"] == 120 and res["sampled"] and res["valid_grid_users"] == 60
     cobra = res["modes"]["cobra"]
     assert cobra["chosen_on_valid"]["tau"] in (0.5, 2.0) and len(cobra["valid_grid"]) == 2
     for name in ("recall@40", "ndcg@40", "diversity@40"):
