@@ -113,18 +113,24 @@ class Recommender:
                 hit = (items[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)
                 scores = scores.masked_fill(hit.any(-1), float("-inf"))
             return _topk_padded(items, scores, k)
-        return self._fuse(self._cobra_candidates(beams, exclude), k, params)
+        return self._fuse(self._exclude(self._cobra_candidates(beams), exclude), k, params)
 
-    def _cobra_candidates(self, beams, exclude: torch.Tensor | None):
+    def _cobra_candidates(self, beams):
         """Candidates of every beam's ID and their cosine with that beam's dense vector: (B, M, C) each."""
         b, m = beams.scores.shape
         cand, cos = self.index.search_in_ids(beams.dense.reshape(b * m, -1), beams.sids.view(-1))
         cand, cos = cand.view(b, m, -1), cos.view(b, m, -1)
         cos = cos.masked_fill(~torch.isfinite(beams.scores)[:, :, None], float("-inf"))
-        if exclude is not None:
-            hit = (cand[:, :, :, None] == exclude[:, None, None, :]) & (exclude[:, None, None, :] >= 0)
-            cos = cos.masked_fill(hit.any(-1), float("-inf"))
         return beams.scores, cand, cos
+
+    @staticmethod
+    def _exclude(candidates, exclude: torch.Tensor | None):
+        """Candidates with the items of ``exclude`` (B, H) (-1 padded) scored -inf."""
+        if exclude is None:
+            return candidates
+        beam_scores, cand, cos = candidates
+        hit = (cand[:, :, :, None] == exclude[:, None, None, :]) & (exclude[:, None, None, :] >= 0)
+        return beam_scores, cand, cos.masked_fill(hit.any(-1), float("-inf"))
 
     @staticmethod
     def _fuse(candidates, k: int, params: InferenceParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,23 +145,23 @@ class Recommender:
     def recommend_many(self, history: torch.Tensor, k: int, settings: list[InferenceParams]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`recommend` for several settings of the same users, in order.
 
-        COBRA settings that differ only in ``tau`` / ``psi`` / ``normalize`` share one beam
-        search and one candidate search (the expensive parts); the results equal separate
-        :meth:`recommend` calls.
+        COBRA settings with the same number of beams share one beam search and one
+        candidate search (the expensive parts; history masking only removes candidates);
+        the results equal separate :meth:`recommend` calls.
         """
         out: list = [None] * len(settings)
-        shared: dict[tuple[int, bool], list[int]] = {}
+        shared: dict[int, list[int]] = {}
         for i, p in enumerate(settings):
             if p.mode == "cobra" and self.index is not None:
-                shared.setdefault((p.beams, p.exclude_history), []).append(i)
+                shared.setdefault(p.beams, []).append(i)
             else:
                 out[i] = self.recommend(history, k, p)
-        for (beams_m, exclude_history), members in shared.items():
+        for beams_m, members in shared.items():
             codes, vectors, valid = self._history_inputs(history)
             beams = beam_search(self.model, codes, vectors, valid, self.masks, beams_m, with_dense=True)
-            candidates = self._cobra_candidates(beams, history if exclude_history else None)
+            candidates = self._cobra_candidates(beams)
             for i in members:
-                out[i] = self._fuse(candidates, k, settings[i])
+                out[i] = self._fuse(self._exclude(candidates, history if settings[i].exclude_history else None), k, settings[i])
         return out
 
     def _liger(self, beams, k: int, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
