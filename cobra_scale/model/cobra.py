@@ -87,14 +87,22 @@ class CobraModel(nn.Module):
         self.decoder = CausalDecoder(d, cfg.decoder_layers, cfg.decoder_heads, cfg.dropout, cfg.attention_dropout)
         self.code_heads = nn.ModuleList(nn.Linear(d, cfg.codes) for _ in range(L))
         self.dense_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature)), requires_grad=cfg.learn_temperature)
+        # (1,), not 0-d: DeepSpeed broadcasts parameters as byte views (ZeRO-3 at init, 1/2 in
+        # _broadcast_model), which a 0-d tensor cannot give
+        self.log_temperature = nn.Parameter(torch.tensor([math.log(cfg.temperature)]), requires_grad=cfg.learn_temperature)
         self.dense_loss_impl = "auto"
 
     # ------------------------------------------------------------------ building blocks
 
     @property
     def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp().clamp(min=1e-3)
+        return self.log_temperature.exp().clamp(min=1e-3)[0]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "log_temperature"
+        if key in state_dict and state_dict[key].dim() == 0:  # weights saved when it was 0-d
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def prefix_rows(self, level: int, packed: torch.Tensor) -> torch.Tensor:
         """Rows of ``prefix_emb[level]`` for IDs packed over codes 0..level (any shape)."""

@@ -255,34 +255,6 @@ class _Progress:
         self.tb.close()
 
 
-def _patch_deepspeed_scalar_broadcast() -> None:
-    """Let DeepSpeed broadcast 0-d parameters (CobraModel's log-temperature).
-
-    DeepSpeed 0.19 broadcasts every parameter as ``p.data.view(torch.uint8)``, which a 0-d
-    tensor cannot do. Around its ``_broadcast_model`` the 0-d parameters are given a
-    1-element view of the same storage (so the broadcast still writes them), then their
-    shape back.
-    """
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    original = DeepSpeedEngine._broadcast_model
-    if getattr(original, "_cobra_scalar_safe", False):
-        return
-
-    def broadcast_model(self) -> None:
-        scalars = [p for p in self.module.parameters() if p.dim() == 0]
-        for p in scalars:
-            p.data = p.data.reshape(1)
-        try:
-            original(self)
-        finally:
-            for p in scalars:
-                p.data = p.data.reshape(())
-
-    broadcast_model._cobra_scalar_safe = True
-    DeepSpeedEngine._broadcast_model = broadcast_model
-
-
 def _full_state_dict(engine, stage: int, rank: int) -> dict | None:
     """Rank 0 gets the whole model's weights (ZeRO-3 gathers them: every rank must call)."""
     if stage == 3:
@@ -373,7 +345,6 @@ def train_loop_per_worker(config: dict) -> None:
     if stage == 3:
         # read as a tensor (not called as a module) in CobraModel.item_tokens: ZeRO-3 must gather it
         deepspeed.zero.register_external_parameter(model, model.type_emb.weight)
-    _patch_deepspeed_scalar_broadcast()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     precision = "fp32" if ds_config.get("bf16", {}).get("enabled") is True else pick_precision(cfg.precision, device.type)
     torch.manual_seed(cfg.seed + 1 + rank)  # independent dropout per rank
