@@ -59,19 +59,22 @@ def start_head(cwd: Path, num_cpus: int = 4, dashboard: bool = True) -> Head:
     try:
         done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=400)
     except BaseException:
-        stop_head(temp_dir)
+        stop_head(temp_dir, f"127.0.0.1:{gcs}")
         raise
     if done.returncode != 0:
-        stop_head(temp_dir)
+        stop_head(temp_dir, f"127.0.0.1:{gcs}")
         raise RuntimeError(f"ray start failed ({done.returncode}): {(done.stdout + done.stderr)[-2000:]}")
     return Head(temp_dir, env, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard_port}")
 
 
-def head_processes(temp_dir: str) -> list[psutil.Process]:
+def head_processes(temp_dir: str, gcs_address: str | None = None) -> list[psutil.Process]:
+    """This head's processes: those naming its temp dir, or its GCS address (the Ray client
+    server names only ``--address=<gcs>``), and their children."""
+    marks = [temp_dir] + ([f"--address={gcs_address}"] if gcs_address else [])
     found = {}
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+            if any(mark in part for part in proc.info["cmdline"] or [] for mark in marks):
                 found[proc.pid] = proc
                 for child in proc.children(recursive=True):
                     found[child.pid] = child
@@ -80,8 +83,8 @@ def head_processes(temp_dir: str) -> list[psutil.Process]:
     return list(found.values())
 
 
-def stop_head(temp_dir: str) -> None:
-    procs = head_processes(temp_dir)
+def stop_head(temp_dir: str, gcs_address: str | None = None) -> None:
+    procs = head_processes(temp_dir, gcs_address)
     for proc in procs:
         try:
             proc.send_signal(signal.SIGTERM)

@@ -24,7 +24,7 @@ def local_head():
     try:
         yield head
     finally:
-        stop_head(head.temp_dir)
+        stop_head(head.temp_dir, head.gcs_address)
 
 
 def test_ray_job_submit_trains(local_head, tmp_path):

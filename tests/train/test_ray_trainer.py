@@ -74,7 +74,7 @@ def ray_cluster():
     try:
         yield head
     finally:
-        stop_head(head.temp_dir)
+        stop_head(head.temp_dir, head.gcs_address)
 
 
 @pytest.fixture(scope="module")
