@@ -156,8 +156,8 @@ class Recommender:
                 shared.setdefault(p.beams, []).append(i)
             else:
                 out[i] = self.recommend(history, k, p)
+        codes, vectors, valid = self._history_inputs(history) if shared else (None, None, None)
         for beams_m, members in shared.items():
-            codes, vectors, valid = self._history_inputs(history)
             beams = beam_search(self.model, codes, vectors, valid, self.masks, beams_m, with_dense=True)
             candidates = self._cobra_candidates(beams)
             for i in members:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from cobra_scale.errors import CobraError
+from cobra_scale.train.data import index_in_sorted
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,7 @@ class Bundle:
 
     def index_of(self, ids: np.ndarray) -> np.ndarray:
         """External ids -> catalogue indices; -1 for unknown ids."""
-        pos = np.searchsorted(self.item_ids, ids).clip(max=len(self.item_ids) - 1)
-        return np.where(self.item_ids[pos] == ids, pos, -1)
+        return index_in_sorted(self.item_ids, ids)
 
 
 def weights_key(run: str | Path) -> str:

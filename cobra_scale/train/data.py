@@ -25,6 +25,12 @@ from cobra_scale.model.cobra import Batch
 log = logging.getLogger(__name__)
 
 
+def index_in_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Positions of ``ids`` in the sorted array ``sorted_ids``; -1 where absent."""
+    pos = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
+    return np.where(sorted_ids[pos] == ids, pos, -1)
+
+
 @dataclass
 class Catalogue:
     item_ids: np.ndarray  # (N,) int64 external ids, sorted
@@ -38,8 +44,7 @@ class Catalogue:
 
     def index_of(self, ids: np.ndarray) -> np.ndarray:
         """External ids -> catalogue indices; -1 for unknown ids."""
-        pos = np.searchsorted(self.item_ids, ids).clip(max=len(self.item_ids) - 1)
-        return np.where(self.item_ids[pos] == ids, pos, -1)
+        return index_in_sorted(self.item_ids, ids)
 
 
 def load_tokenizer(path: str | None = None):
