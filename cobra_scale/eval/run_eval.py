@@ -81,16 +81,20 @@ def run(cfg: EvalConfig) -> dict:
     taus = [float(t) for t in cfg.grid_tau] or [base.tau]
     psis = [float(p) for p in cfg.grid_psi] or [base.psi]
     beam_counts = [int(b) for b in cfg.grid_beams] or [base.beams]
-    grid = list(itertools.product(taus, psis, beam_counts))
+    norms = [str(n) for n in cfg.grid_normalize] or [base.normalize]
+    grid = list(itertools.product(taus, psis, beam_counts, norms))
     chosen = {m: replace(base, mode=m) for m in modes}
     selection: list[dict] = []
     if "cobra" in modes and len(grid) > 1:
-        settings = [Setting(f"grid|tau={t:g}|psi={p:g}|beams={b}", replace(base, mode="cobra", tau=t, psi=p, beams=b)) for t, p, b in grid]
+        settings = [Setting(f"grid|tau={t:g}|psi={p:g}|beams={b}|{n}", replace(base, mode="cobra", tau=t, psi=p, beams=b, normalize=n))
+                    for t, p, b, n in grid]
         table = score(valid, settings, "valid grid")
         best = max(settings, key=lambda s: table[s.name]["metrics"][select_on])
         chosen["cobra"] = best.params
-        selection = [{"tau": s.params.tau, "psi": s.params.psi, "beams": s.params.beams, **table[s.name]["metrics"]} for s in settings]
-        log.info("chosen on valid (%s): tau=%s psi=%s beams=%s", select_on, best.params.tau, best.params.psi, best.params.beams)
+        selection = [{"tau": s.params.tau, "psi": s.params.psi, "beams": s.params.beams, "normalize": s.params.normalize,
+                      **table[s.name]["metrics"]} for s in settings]
+        log.info("chosen on valid (%s): tau=%s psi=%s beams=%s normalize=%s", select_on, best.params.tau, best.params.psi,
+                 best.params.beams, best.params.normalize)
 
     settings = []
     for m in modes:

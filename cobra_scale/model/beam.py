@@ -8,9 +8,12 @@ BeamFusion (paper eq. 13) scores a candidate item ``a`` of beam ``m``:
 
     score(a) = softmax_m(tau * beam_score)[m] * softmax_a(psi * cos(v_m, a))
 
-``normalize="global"`` takes the second softmax over all candidates of the user (then the
-ranking is ``tau``-weighted beam log-probability plus ``psi * cos``); ``"per_beam"`` over
-the candidates of each beam.
+``normalize="per_beam"`` (the default) takes the second softmax over the candidates of
+each beam: the score is then P(ID) x P(item | ID), the factorisation the model is trained
+for (on Beauty it beat ``"global"`` by about half on valid Recall@10, docs/model.md).
+``"global"`` takes it over all candidates of the user (the ranking is then
+``tau``-weighted beam log-probability plus ``psi * cos``, and a large ID's items are not
+shared out by its size).
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ def beam_fusion(
     cand_cos: torch.Tensor,
     tau: float,
     psi: float,
-    normalize: str = "global",
+    normalize: str = "per_beam",
 ) -> torch.Tensor:
     """BeamFusion scores of candidates.
 

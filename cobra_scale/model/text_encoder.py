@@ -51,7 +51,24 @@ class ItemTextEncoder(nn.Module):
         proj = proj / proj.std() * 0.05
         self.bert.embeddings.word_embeddings.weight.copy_(proj)
 
-    def forward(self, token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``token_ids``, ``attention_mask``: (U, T) -> (U, out_dim)."""
+    def forward(self, token_ids: torch.Tensor, attention_mask: torch.Tensor, length_groups: int = 4) -> torch.Tensor:
+        """``token_ids``, ``attention_mask``: (U, T) -> (U, out_dim).
+
+        Large batches are encoded in ``length_groups`` groups of similar text length, each
+        cut to its own longest text, so short titles do not pay for the longest one's
+        padding (same result: padding is masked out of attention).
+        """
+        if length_groups <= 1 or token_ids.shape[0] < 256 * length_groups:
+            return self._encode(token_ids, attention_mask)
+        lengths = attention_mask.sum(1)
+        order = lengths.argsort()
+        parts = []
+        for rows in order.tensor_split(length_groups):
+            used = max(1, int(lengths[rows].max()))
+            parts.append(self._encode(token_ids[rows, :used], attention_mask[rows, :used]))
+        out = torch.cat(parts)
+        return out[order.argsort()]
+
+    def _encode(self, token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.bert(input_ids=token_ids, attention_mask=attention_mask).last_hidden_state  # (U, T, dim)
         return self.proj(hidden[:, 0])

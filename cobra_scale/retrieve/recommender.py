@@ -33,7 +33,7 @@ class InferenceParams:
     beams: int = 20  # M
     tau: float = 1.0  # BeamFusion temperature on beam scores
     psi: float = 20.0  # BeamFusion temperature on cosine
-    normalize: str = "global"  # BeamFusion's candidate softmax: "global" | "per_beam"
+    normalize: str = "per_beam"  # BeamFusion's cosine softmax: "per_beam" (P(ID) x P(item | ID)) | "global"
     exclude_history: bool = False  # mask the user's own history items from the ranking
 
 

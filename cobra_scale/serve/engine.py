@@ -46,7 +46,7 @@ class Settings(BaseModel):
     beams: int = Field(20, ge=1, description="M, default beams per request")
     tau: float = Field(1.0, gt=0, allow_inf_nan=False)
     psi: float = Field(20.0, gt=0, allow_inf_nan=False)
-    normalize: Literal["global", "per_beam"] = "global"
+    normalize: Literal["global", "per_beam"] = "per_beam"
     exclude_history: bool = False
     max_batch_size: int = Field(32, ge=1, description="requests per batched beam search (1 = no batching)")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")

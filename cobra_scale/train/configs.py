@@ -18,7 +18,7 @@ class InferenceConfig:
     beams: int = field(20, help="M, beams (sparse IDs) per user")
     tau: float = field(1.0, help="BeamFusion temperature on beam scores")
     psi: float = field(20.0, help="BeamFusion temperature on cosine similarity")
-    normalize: str = field("global", help="candidate softmax over 'global' (all beams) or 'per_beam'")
+    normalize: str = field("per_beam", help="BeamFusion's cosine softmax over the candidates of each beam ('per_beam': P(ID) x P(item | ID)) or of all beams ('global')")
 
     def __post_init__(self) -> None:
         if self.mode not in ("cobra", "no_fusion", "dense_only", "sparse_only", "liger"):
@@ -78,6 +78,8 @@ class TrainConfig:
     device: str = field("auto", help="auto | cpu | cuda")
     precision: str = field("fp32", help="fp32 | bf16 (autocast; standard on GPUs, ~1.4x faster on CPUs with AVX512-BF16/AMX; falls back to fp32 on CPUs without native bf16, where it would be ~50x slower)")
     init_embeddings: bool = field(True, help="initialise token embeddings from all-MiniLM-L6-v2 (PCA-projected)")
+    same_id_negatives: int = field(0, help="dense loss: add up to N other items of each target's sparse ID to the batch as hard negatives (0 = in-batch only)")
+    length_buckets: bool = field(True, help="batch windows of similar length together (less padding; local launcher)")
     dedup_level: bool = field(False, help="append a code numbering items inside an ID (for the TIGER-like w/o Dense ablation)")
     eval_users: int = field(0, help="validation users per epoch (0 = all)")
     eval_every: int = field(1, help="validate every N epochs")
@@ -98,6 +100,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0")
         if self.lr <= 0:
             raise ConfigError("lr must be > 0")
+        if self.same_id_negatives < 0:
+            raise ConfigError("same_id_negatives must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("device must be auto|cpu|cuda")
         if self.precision not in ("fp32", "bf16"):
@@ -118,6 +122,7 @@ class EvalConfig:
     grid_tau: list = field([], help="tau values tried on valid (empty = the run's)")
     grid_psi: list = field([], help="psi values tried on valid (empty = the run's)")
     grid_beams: list = field([], help="beam counts tried on valid (empty = the run's)")
+    grid_normalize: list = field([], help="BeamFusion normalisations tried on valid: per_beam and/or global (empty = the run's)")
     modes: list = field(["cobra"], help="inference modes to report")
     ks: list = field([5, 10], help="cut-offs K of Recall/NDCG/diversity@K (e.g. ks=[50,100,200,500,800])")
     select_on: str = field("", help="validation metric that picks tau/psi/beams (default ndcg@10, else ndcg@<smallest K>)")
@@ -146,6 +151,9 @@ class EvalConfig:
             raise ConfigError("confidence must be in (0, 1)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("device must be auto|cpu|cuda")
+        bad = [n for n in self.grid_normalize if n not in ("per_beam", "global")]
+        if bad:
+            raise ConfigError(f"grid_normalize takes per_beam and/or global, got {bad}")
         if self.valid_users < -1:
             raise ConfigError("valid_users must be >= -1")
         if self.max_users < 0 or self.batch_users <= 0:

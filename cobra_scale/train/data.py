@@ -42,6 +42,25 @@ class Catalogue:
     def __len__(self) -> int:
         return len(self.item_ids)
 
+    def id_buckets(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Items grouped by full sparse ID: ``(order, start, size)``.
+
+        ``order`` lists item indices sorted by ID; item i's bucket is
+        ``order[start[i] : start[i] + size[i]]`` (itself included). Built once, cached.
+        """
+        cached = getattr(self, "_buckets", None)
+        if cached is None:
+            codes = self.codes.numpy()
+            packed = np.zeros(len(codes), dtype=np.int64)
+            for level in range(codes.shape[1]):
+                packed = packed * self.codes_per_level + codes[:, level]
+            order = np.argsort(packed, kind="stable")
+            sorted_ids = packed[order]
+            first = np.searchsorted(sorted_ids, packed, side="left")
+            last = np.searchsorted(sorted_ids, packed, side="right")
+            cached = self._buckets = (order, first, last - first)
+        return cached
+
     def index_of(self, ids: np.ndarray) -> np.ndarray:
         """External ids -> catalogue indices; -1 for unknown ids."""
         return index_in_sorted(self.item_ids, ids)
@@ -166,11 +185,33 @@ def examples_from_table(table, catalogue: Catalogue, max_history: int, path: str
     return EvalSet(history, targets, np.asarray(table.column("user_id"), dtype=np.int64))
 
 
-def collate(windows: list[np.ndarray], catalogue: Catalogue) -> Batch:
-    """A batch of windows (catalogue indices) -> :class:`Batch` over its unique items."""
+def same_id_items(catalogue: Catalogue, items: np.ndarray, per_item: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``per_item`` random items sharing the full sparse ID of each of ``items`` (with
+    repeats removed; may include ``items`` themselves). Hard negatives for the dense loss."""
+    order, start, size = catalogue.id_buckets()
+    items = items[size[items] > 1]
+    if not len(items) or per_item <= 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = (rng.random((len(items), per_item)) * size[items][:, None]).astype(np.int64)
+    return np.unique(order[start[items][:, None] + offsets])
+
+
+def collate(windows: list[np.ndarray], catalogue: Catalogue, same_id_negatives: int = 0, rng: np.random.Generator | None = None) -> Batch:
+    """A batch of windows (catalogue indices) -> :class:`Batch` over its unique items.
+
+    With ``same_id_negatives`` > 0, up to that many other items of each target's sparse ID
+    join the batch's items (not its sequences): the in-batch dense softmax then also has to
+    tell the target from the items the ID alone cannot separate it from.
+    """
     s = max(len(w) for w in windows)
     flat = np.concatenate(windows)
-    unique, inverse = np.unique(flat, return_inverse=True)
+    if same_id_negatives > 0:
+        targets = np.unique(np.concatenate([w[1:] for w in windows]))
+        extra = same_id_items(catalogue, targets, same_id_negatives, rng if rng is not None else np.random.default_rng())
+        unique = np.union1d(flat, extra)
+        inverse = np.searchsorted(unique, flat)
+    else:
+        unique, inverse = np.unique(flat, return_inverse=True)
     seq = np.full((len(windows), s), -1, dtype=np.int64)
     pos = 0
     for row, w in enumerate(windows):
@@ -184,6 +225,24 @@ def collate(windows: list[np.ndarray], catalogue: Catalogue) -> Batch:
         item_ids=u,
         seq=torch.from_numpy(seq),
     )
+
+
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool_batches: int = 64) -> list[np.ndarray]:
+    """Shuffled batches of window indices whose windows have similar lengths.
+
+    Windows are shuffled, cut into pools of ``pool_batches`` batches, sorted by length
+    inside each pool and batched; then the batches are shuffled. Every window is used once
+    per epoch, and a batch pads to its own longest window, not the epoch's (Beauty's
+    windows average 6.6 of at most 21 items, so random batches were ~70% padding).
+    """
+    order = rng.permutation(len(lengths))
+    pool = batch_size * pool_batches
+    batches = []
+    for p in range(0, len(order), pool):
+        chunk = order[p : p + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def batch_to(batch: Batch, device: torch.device | str) -> Batch:

@@ -132,10 +132,13 @@ def window_dataset(path: str | Path, item_ids: np.ndarray, max_items: int, seed:
     )
 
 
-def iter_train_batches(shard, catalogue: Catalogue, micro_batch: int, shuffle_buffer: int, seed: int, skip: int = 0) -> Iterator[Batch]:
+def iter_train_batches(
+    shard, catalogue: Catalogue, micro_batch: int, shuffle_buffer: int, seed: int, skip: int = 0, same_id_negatives: int = 0
+) -> Iterator[Batch]:
     """Collated batches of one worker's shard for one epoch, after skipping ``skip`` batches.
 
     ``shard`` is ``ray.train.get_dataset_shard("train")``; every call starts a new epoch.
+    ``same_id_negatives`` as in :func:`~cobra_scale.train.data.collate`.
     """
     batches = shard.iter_batches(
         batch_size=micro_batch,
@@ -147,7 +150,9 @@ def iter_train_batches(shard, catalogue: Catalogue, micro_batch: int, shuffle_bu
     for i, block in enumerate(batches):
         if i < skip:
             continue  # resume: these were trained on before the checkpoint
-        yield trim_tokens(collate(windows_of(block[WINDOW_COLUMN]), catalogue))
+        # negatives seeded by (epoch seed, batch number): a resumed run draws what an uninterrupted one would
+        rng = np.random.default_rng([seed, i])
+        yield trim_tokens(collate(windows_of(block[WINDOW_COLUMN]), catalogue, same_id_negatives, rng))
 
 
 # ----------------------------------------------------------------------------- validation sample

@@ -34,6 +34,7 @@ from cobra_scale.train.data import (
     Catalogue,
     batch_to,
     collate,
+    length_bucketed_batches,
     load_catalogue,
     load_examples,
     load_tokenizer,
@@ -259,7 +260,8 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.init_embeddings:
         init_token_embeddings(model)
     optimizer = make_optimizer(model, cfg)
-    steps_per_epoch = math.ceil(len(windows) / cfg.batch_size)
+    lengths = np.array([len(w) for w in windows])
+    steps_per_epoch = len(epoch_batches(lengths, cfg, 0))
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": []}
     last = out / "checkpoints" / "last"
@@ -280,12 +282,13 @@ def run(cfg: TrainConfig) -> dict:
     stop_reason = "epochs"
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"] + 1
-        order = np.random.default_rng(cfg.seed + epoch).permutation(len(windows))
+        batches = epoch_batches(lengths, cfg, epoch)
+        rng = np.random.default_rng([cfg.seed, epoch])
         sums = {"total": 0.0, "sparse": 0.0, "dense": 0.0}
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", unit="step", leave=False)
         for i in bar:
-            chunk = [windows[j] for j in order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
-            batch = batch_to(trim_tokens(collate(chunk, catalogue)), device)
+            chunk = [windows[j] for j in batches[i]]
+            batch = batch_to(trim_tokens(collate(chunk, catalogue, cfg.same_id_negatives if cfg.model.use_dense else 0, rng)), device)
             losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, precision)
             for k in sums:
                 sums[k] += float(getattr(losses, k).detach())
@@ -319,6 +322,15 @@ def run(cfg: TrainConfig) -> dict:
         "wall_minutes": round((time.perf_counter() - started) / 60, 1),
         "out": str(out),
     }
+
+
+def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, epoch: int) -> list[np.ndarray]:
+    """The window indices of each step of ``epoch`` (seeded; the same on resume)."""
+    rng = np.random.default_rng(cfg.seed + epoch)
+    if cfg.length_buckets:
+        return length_bucketed_batches(lengths, cfg.batch_size, rng)
+    order = rng.permutation(len(lengths))
+    return [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
 
 
 def _save_last(model, optimizer, scheduler, state: dict, folder: Path) -> None:
