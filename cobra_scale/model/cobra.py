@@ -60,6 +60,19 @@ def dense_contrastive_loss(pred, keys, positives, temperature, query_item_ids, k
     return cosine_contrastive_loss(pred, keys, positives, temperature, query_item_ids, key_item_ids, impl=impl)
 
 
+class Temperature(nn.Module):
+    """The dense softmax temperature, learned in log space (a module, so that ZeRO-3 gathers it
+    around its own forward and backward like any other parameter)."""
+
+    def __init__(self, value: float, learn: bool):
+        super().__init__()
+        # (1,), not 0-d: DeepSpeed broadcasts parameters as byte views, which a 0-d tensor cannot give
+        self.log_temperature = nn.Parameter(torch.tensor([math.log(value)]), requires_grad=learn)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp(min=1e-3)[0]
+
+
 class CobraModel(nn.Module):
     def __init__(self, cfg: CobraConfig):
         super().__init__()
@@ -87,21 +100,25 @@ class CobraModel(nn.Module):
         self.decoder = CausalDecoder(d, cfg.decoder_layers, cfg.decoder_heads, cfg.dropout, cfg.attention_dropout)
         self.code_heads = nn.ModuleList(nn.Linear(d, cfg.codes) for _ in range(L))
         self.dense_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
-        # (1,), not 0-d: DeepSpeed broadcasts parameters as byte views (ZeRO-3 at init, 1/2 in
-        # _broadcast_model), which a 0-d tensor cannot give
-        self.log_temperature = nn.Parameter(torch.tensor([math.log(cfg.temperature)]), requires_grad=cfg.learn_temperature)
+        self.temp = Temperature(cfg.temperature, cfg.learn_temperature)
         self.dense_loss_impl = "auto"
 
     # ------------------------------------------------------------------ building blocks
 
     @property
     def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp().clamp(min=1e-3)[0]
+        return self.temp()
+
+    def type_embedding(self, kind: int) -> torch.Tensor:
+        """(d,) token-type embedding: code level ``kind`` < L, or L for the dense token.
+
+        Called as a module (not read as ``.weight``) so that ZeRO-3 gathers the table."""
+        return self.type_emb(torch.tensor(kind, device=self.pos_emb.weight.device))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "log_temperature"
-        if key in state_dict and state_dict[key].dim() == 0:  # weights saved when it was 0-d
-            state_dict[key] = state_dict[key].reshape(1)
+        old = prefix + "log_temperature"  # weights saved before the temperature became a module
+        if old in state_dict:
+            state_dict[prefix + "temp.log_temperature"] = state_dict.pop(old).reshape(1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def prefix_rows(self, level: int, packed: torch.Tensor) -> torch.Tensor:
@@ -138,13 +155,13 @@ class CobraModel(nn.Module):
             packed = torch.zeros_like(codes[..., 0])
             for level in range(self.cfg.levels):
                 packed = packed * self.cfg.codes + codes[..., level]
-                emb = self.code_emb[level](codes[..., level]) + self.type_emb.weight[level] + pos
+                emb = self.code_emb[level](codes[..., level]) + self.type_embedding(level) + pos
                 if self.prefix_emb is not None:
                     emb = emb + self.prefix_emb[level](self.prefix_rows(level, packed))
                 parts.append(emb)
         if self.cfg.use_dense:
             assert vectors is not None
-            parts.append(self.dense_in(vectors) + self.type_emb.weight[self.cfg.levels] + pos)
+            parts.append(self.dense_in(vectors) + self.type_embedding(self.cfg.levels) + pos)
         return torch.stack(parts, dim=2)
 
     @staticmethod
@@ -213,7 +230,7 @@ class CobraModel(nn.Module):
 
         ``prefix`` (B,) packs the codes of levels < ``level`` of the same item.
         """
-        x = self.code_emb[level](code) + self.type_emb.weight[level] + self.pos_emb(position.clamp(max=self.cfg.max_items - 1))
+        x = self.code_emb[level](code) + self.type_embedding(level) + self.pos_emb(position.clamp(max=self.cfg.max_items - 1))
         if self.prefix_emb is not None:
             packed = (prefix if prefix is not None else torch.zeros_like(code)) * self.cfg.codes + code
             x = x + self.prefix_emb[level](self.prefix_rows(level, packed))

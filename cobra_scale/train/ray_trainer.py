@@ -342,9 +342,6 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     stage = zero_stage(ds_config)
-    if stage == 3:
-        # read as a tensor (not called as a module) in CobraModel.item_tokens: ZeRO-3 must gather it
-        deepspeed.zero.register_external_parameter(model, model.type_emb.weight)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     precision = "fp32" if ds_config.get("bf16", {}).get("enabled") is True else pick_precision(cfg.precision, device.type)
     torch.manual_seed(cfg.seed + 1 + rank)  # independent dropout per rank

@@ -102,13 +102,7 @@ def test_reference_run_learns(reference):
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1)) and all("valid" in h for h in history)
 
 
-# ZeRO-3 fails in the first backward on CPU workers ("size of tensor a (0) must match ... 32":
-# a partitioned parameter reached autograd ungathered); seen 2026-12-01, with and without the
-# prefix embeddings. strict: the mark must go when it passes.
-ZERO3_BROKEN = pytest.mark.xfail(reason="ZeRO-3 backward fails on CPU workers (docs/distributed.md#zero-stages)", strict=True)
-
-
-@pytest.mark.parametrize("stage", [1, 2, pytest.param(3, marks=ZERO3_BROKEN)])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stage_stops_and_resumes_like_an_uninterrupted_run(stage, ray_cluster, reference, data, tmp_path):
     ref_out, ref_summary, ref_losses = reference
     out = tmp_path / "run"
