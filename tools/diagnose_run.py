@@ -5,9 +5,13 @@ For a seeded sample of validation (or test) users of a trained run it prints:
 * the teacher-forced cross-entropy of the targets' codes per level (compare with the
   training loss: a large gap is over-fitting),
 * ID-hit@M: how often the target's full sparse ID is among the M beams,
-* item recall@K of the inference modes on the same users.
+* inside the target's ID when it is among the M beams: the ID's size and how often the
+  dense vector predicted for that ID ranks the target first among the ID's items,
+* item recall@K of the inference modes on the same users (and of a tau x psi x
+  normalisation grid of BeamFusion).
 
-    python tools/diagnose_run.py --run runs/beauty --users 1000 --beams 10,20,50
+    python tools/diagnose_run.py --run runs/beauty --users 1000 --beams 10,20,50 \
+        --grid-tau 1,2 --grid-psi 20,40 --grid-normalize per_beam,global
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--modes", default="cobra,no_fusion")
     ap.add_argument("--grid-tau", default="", help="also score cobra at these tau values (comma list) x --grid-psi")
     ap.add_argument("--grid-psi", default="")
+    ap.add_argument("--grid-normalize", default="", help="BeamFusion normalisations of the grid: per_beam,global")
+    ap.add_argument("--grid-beams", type=int, default=0, help="beams M of the grid (default: the run's)")
     args = ap.parse_args(argv)
     model, catalogue, cfg, device = load_run(args.run, "cpu")
     split = Path(cfg.data) / "splits" / cfg.split / args.split_name
@@ -69,24 +75,37 @@ def main(argv=None) -> dict:
         result["code_ce_per_level"] = [round(float(x), 3) for x in np.mean(ce, axis=0)]
         tsid = rec.sids[torch.from_numpy(first)]
         for m in (int(x) for x in args.beams.split(",")):
-            hits = 0
+            hits, sizes, top1 = 0, [], []
+            with_dense = model.cfg.use_dense
             for s in range(0, len(first), 256):
                 codes, vectors, valid = rec._history_inputs(users.history[s : s + 256])
-                beams = beam_search(model, codes, vectors, valid, rec.masks, m, with_dense=False)
-                hits += int((beams.sids == tsid[s : s + 256, None]).any(1).sum())
+                beams = beam_search(model, codes, vectors, valid, rec.masks, m, with_dense=with_dense)
+                hit = beams.sids == tsid[s : s + 256, None]  # (B, M)
+                hits += int(hit.any(1).sum())
+                if with_dense:
+                    rows, cols = hit.nonzero(as_tuple=True)
+                    cand, cos = rec.index.search_in_ids(beams.dense[rows, cols], beams.sids[rows, cols])
+                    target = torch.from_numpy(first[s : s + 256])[rows]
+                    own = (cos.masked_fill(cand != target[:, None], float("-inf"))).max(1).values
+                    sizes += (cand >= 0).sum(1).tolist()
+                    top1 += (cos.max(1).values <= own).tolist()
             result[f"id_hit@{m}"] = round(hits / len(first), 4)
+            if sizes:
+                result[f"in_hit_id@{m}"] = {"mean_items": round(float(np.mean(sizes)), 2), "target_first": round(float(np.mean(top1)), 3)}
     for mode in args.modes.split(","):
-        p = InferenceParams(mode=mode, beams=cfg.inference.beams, tau=cfg.inference.tau, psi=cfg.inference.psi)
+        p = InferenceParams(mode=mode, beams=cfg.inference.beams, tau=cfg.inference.tau, psi=cfg.inference.psi, normalize=cfg.inference.normalize)
         result[mode] = {k: round(v, 4) for k, v in evaluate(rec, users.history, users.targets, p, progress=False).items()}
     taus = [float(x) for x in args.grid_tau.split(",") if x] or [cfg.inference.tau]
     psis = [float(x) for x in args.grid_psi.split(",") if x] or [cfg.inference.psi]
-    if args.grid_tau or args.grid_psi:
+    norms = [x for x in args.grid_normalize.split(",") if x] or [cfg.inference.normalize]
+    if args.grid_tau or args.grid_psi or args.grid_normalize:
         result["cobra_grid"] = {}
-        for tau in taus:
-            for psi in psis:
-                p = InferenceParams(mode="cobra", beams=cfg.inference.beams, tau=tau, psi=psi)
-                r = evaluate(rec, users.history, users.targets, p, progress=False)
-                result["cobra_grid"][f"tau={tau:g},psi={psi:g}"] = {k: round(v, 4) for k, v in r.items() if k.endswith("@10")}
+        for norm in norms:
+            for tau in taus:
+                for psi in psis:
+                    p = InferenceParams(mode="cobra", beams=args.grid_beams or cfg.inference.beams, tau=tau, psi=psi, normalize=norm)
+                    r = evaluate(rec, users.history, users.targets, p, progress=False)
+                    result["cobra_grid"][f"{norm},tau={tau:g},psi={psi:g}"] = {k: round(v, 4) for k, v in r.items() if k.endswith("@10")}
     print(json.dumps(result, indent=2))
     return result
 

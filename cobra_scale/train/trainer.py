@@ -92,11 +92,53 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def optimizer_groups(model: CobraModel) -> tuple[list[str], list[str]]:
+    """Parameter names with and without weight decay (decay on matrices only, not on embeddings, norms, biases)."""
+    decay = [n for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
+    no_decay = [n for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
+    return decay, no_decay
+
+
 def make_optimizer(model: CobraModel, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on embeddings, norms, biases)."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    params = dict(model.named_parameters())
+    decay, no_decay = optimizer_groups(model)
+    return torch.optim.AdamW(
+        [{"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay}, {"params": [params[n] for n in no_decay], "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+
+
+def optimizer_checkpoint(model: CobraModel, optimizer, scheduler) -> dict:
+    """What ``optimizer.pt`` holds: the states and the parameter names they belong to."""
+    decay, no_decay = optimizer_groups(model)
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "param_names": decay + no_decay}
+
+
+def load_optimizer_checkpoint(model: CobraModel, optimizer, scheduler, saved: dict) -> None:
+    """Restore :func:`optimizer_checkpoint`, matching states to parameters by name.
+
+    Optimiser states are stored by parameter position; positions move when the model's
+    modules are reorganised, so each state is put back on the parameter of its saved name.
+    Checkpoints written before names were saved (session 2) are read in that code's order:
+    the top-level temperature came first among the parameters without decay.
+    """
+    decay, no_decay = optimizer_groups(model)
+    current = decay + no_decay
+    names = saved.get("param_names")
+    if names is None:
+        legacy = [n for n in no_decay if n != "temp.log_temperature"]
+        names = decay + (["temp.log_temperature"] + legacy if "temp.log_temperature" in no_decay else legacy)
+    names = ["temp.log_temperature" if n == "log_temperature" else n for n in names]
+    if sorted(names) != sorted(current):
+        raise CobraError("the checkpoint's optimiser state belongs to a different model (parameters differ); start a new run folder or resume=false")
+    state = saved["optimizer"]
+    new_index = {n: i for i, n in enumerate(current)}
+    remap = {old: new_index[n] for old, n in enumerate(names)}
+    groups = [dict(g) for g in state["param_groups"]]
+    groups[0]["params"], groups[1]["params"] = list(range(len(decay))), list(range(len(decay), len(current)))
+    optimizer.load_state_dict({"state": {remap[int(k)]: v for k, v in state["state"].items()}, "param_groups": groups})
+    scheduler.load_state_dict(saved["scheduler"])
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -267,9 +309,7 @@ def run(cfg: TrainConfig) -> dict:
     last = out / "checkpoints" / "last"
     if cfg.resume and (last / "state.json").is_file():
         load_weights(model, last)
-        opt_state = torch.load(last / "optimizer.pt", map_location=device, weights_only=True)
-        optimizer.load_state_dict(opt_state["optimizer"])
-        scheduler.load_state_dict(opt_state["scheduler"])
+        load_optimizer_checkpoint(model, optimizer, scheduler, torch.load(last / "optimizer.pt", map_location=device, weights_only=True))
         state = json.loads((last / "state.json").read_text())
         log.info("resumed from %s at epoch %d (step %d)", last, state["epoch"], state["step"])
     log.info(
@@ -337,7 +377,7 @@ def _save_last(model, optimizer, scheduler, state: dict, folder: Path) -> None:
     tmp = folder.with_name(".last.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_weights(model, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    torch.save(optimizer_checkpoint(model, optimizer, scheduler), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)

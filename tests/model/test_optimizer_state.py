@@ -1,0 +1,69 @@
+"""Optimiser checkpoints are matched to parameters by name, so resume survives module reorganisation."""
+
+import pytest
+import torch
+
+from cobra_scale.config import load_config
+from cobra_scale.errors import CobraError
+from cobra_scale.model.cobra import CobraModel
+from cobra_scale.model.config import CobraConfig
+from cobra_scale.train.configs import TrainConfig
+from cobra_scale.train.trainer import load_optimizer_checkpoint, make_optimizer, make_scheduler, optimizer_checkpoint, optimizer_groups
+
+
+def small():
+    torch.manual_seed(0)
+    cfg = load_config(TrainConfig, dotlist=["data=x", "ids=y", "out=z", "warmup_steps=2"])
+    mcfg = CobraConfig(levels=2, codes=4, d_model=16, decoder_layers=1, decoder_heads=2, encoder_layers=1, encoder_heads=2,
+                       encoder_dim=16, text_tokens=6, vocab_size=50, max_items=5, prefix_rows=16)
+    model = CobraModel(mcfg)
+    opt = make_optimizer(model, cfg)
+    return model, opt, make_scheduler(opt, cfg, 10), cfg
+
+
+def step(model, opt, sched):
+    loss = sum((p.float() ** 2).sum() for p in model.parameters() if p.requires_grad)
+    loss.backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+
+
+def states_by_name(model, opt):
+    return {n: opt.state[p]["exp_avg"].clone() for n, p in model.named_parameters() if p in opt.state}
+
+
+def test_round_trip_restores_every_state_on_its_parameter():
+    model, opt, sched, _ = small()
+    step(model, opt, sched)
+    saved = optimizer_checkpoint(model, opt, sched)
+    model2, opt2, sched2, _ = small()
+    load_optimizer_checkpoint(model2, opt2, sched2, saved)
+    a, b = states_by_name(model, opt), states_by_name(model2, opt2)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert sched2.get_last_lr() == sched.get_last_lr()
+
+
+def test_checkpoint_of_the_old_parameter_order_loads():
+    """Before the temperature became a module it was the first parameter without decay."""
+    model, _, _, cfg = small()
+    params = dict(model.named_parameters())
+    decay, no_decay = optimizer_groups(model)
+    legacy_no_decay = ["temp.log_temperature"] + [n for n in no_decay if n != "temp.log_temperature"]
+    old = torch.optim.AdamW([{"params": [params[n] for n in decay], "weight_decay": 0.01},
+                             {"params": [params[n] for n in legacy_no_decay], "weight_decay": 0.0}], lr=1e-3)
+    old_sched = make_scheduler(old, cfg, 10)
+    step(model, old, old_sched)
+    saved = {"optimizer": old.state_dict(), "scheduler": old_sched.state_dict()}  # no param_names: session-2 format
+    model2, opt2, sched2, _ = small()
+    load_optimizer_checkpoint(model2, opt2, sched2, saved)
+    a, b = states_by_name(model, old), states_by_name(model2, opt2)
+    assert all(torch.equal(a[n], b[n]) for n in a) and len(b) == len(a)
+
+
+def test_optimizer_state_of_another_model_is_refused():
+    model, opt, sched, _ = small()
+    saved = optimizer_checkpoint(model, opt, sched)
+    saved["param_names"] = saved["param_names"][:-1]
+    with pytest.raises(CobraError, match="different model"):
+        load_optimizer_checkpoint(*small()[:3], saved)
