@@ -107,13 +107,18 @@ class Recommender:
         if mode == "liger":
             return self._liger(beams, k, exclude)
         if mode == "sparse_only":
-            items = self.sid_to_item.bucket_items(beams.sids.view(-1)).view(b, m, -1)[:, :, 0]  # (B, M)
-            scores = beams.scores.masked_fill(items < 0, float("-inf"))
-            if exclude is not None:
-                hit = (items[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)
-                scores = scores.masked_fill(hit.any(-1), float("-inf"))
-            return _topk_padded(items, scores, k)
+            return self._sparse_ranking(beams, k, exclude)
         return self._fuse(self._exclude(self._cobra_candidates(beams), exclude), k, params)
+
+    def _sparse_ranking(self, beams, k: int, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """w/o Dense: each beam's ID names one item; items in beam order."""
+        b, m = beams.scores.shape
+        items = self.sid_to_item.bucket_items(beams.sids.view(-1)).view(b, m, -1)[:, :, 0]  # (B, M)
+        scores = beams.scores.masked_fill(items < 0, float("-inf"))
+        if exclude is not None:
+            hit = (items[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)
+            scores = scores.masked_fill(hit.any(-1), float("-inf"))
+        return _topk_padded(items, scores, k)
 
     def _cobra_candidates(self, beams):
         """Candidates of every beam's ID and their cosine with that beam's dense vector: (B, M, C) each."""
@@ -145,20 +150,24 @@ class Recommender:
     def recommend_many(self, history: torch.Tensor, k: int, settings: list[InferenceParams]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`recommend` for several settings of the same users, in order.
 
-        COBRA settings with the same number of beams share one beam search and one
-        candidate search (the expensive parts; history masking only removes candidates);
-        the results equal separate :meth:`recommend` calls.
+        COBRA (or w/o Dense) settings with the same number of beams share one beam search
+        and one candidate search (the expensive parts; history masking only removes
+        candidates); the results equal separate :meth:`recommend` calls.
         """
         out: list = [None] * len(settings)
-        shared: dict[int, list[int]] = {}
+        shared: dict[tuple[str, int], list[int]] = {}
         for i, p in enumerate(settings):
-            if p.mode == "cobra" and self.index is not None:
-                shared.setdefault(p.beams, []).append(i)
+            if (p.mode == "cobra" and self.index is not None) or (p.mode == "sparse_only" and self.sid_to_item is not None):
+                shared.setdefault((p.mode, p.beams), []).append(i)
             else:
                 out[i] = self.recommend(history, k, p)
         codes, vectors, valid = self._history_inputs(history) if shared else (None, None, None)
-        for beams_m, members in shared.items():
-            beams = beam_search(self.model, codes, vectors, valid, self.masks, beams_m, with_dense=True)
+        for (mode, beams_m), members in shared.items():
+            beams = beam_search(self.model, codes, vectors, valid, self.masks, beams_m, with_dense=mode == "cobra")
+            if mode == "sparse_only":
+                for i in members:
+                    out[i] = self._sparse_ranking(beams, k, history if settings[i].exclude_history else None)
+                continue
             candidates = self._cobra_candidates(beams)
             for i in members:
                 out[i] = self._fuse(self._exclude(candidates, history if settings[i].exclude_history else None), k, settings[i])

@@ -197,6 +197,21 @@ def test_recommend_many_equals_separate_calls():
         torch.testing.assert_close(scores, alone_scores, rtol=0, atol=0)
 
 
+def test_recommend_many_shares_the_sparse_only_beam_search():
+    """w/o Dense: masked and unmasked settings share one beam search and equal separate calls."""
+    model = tiny_model(use_dense=False)
+    _, _, codes = catalogue()  # 12 items, each its own ID
+    rec = Recommender(model, codes, None)
+    hist = torch.tensor([[-1, 0, 1], [2, 3, 4], [-1, -1, 7]])
+    settings = [InferenceParams(mode="sparse_only", beams=b, exclude_history=x) for b in (4, 8) for x in (False, True)]
+    got = rec.recommend_many(hist, 4, settings)
+    for params, (items, scores) in zip(settings, got):
+        alone_items, alone_scores = rec.recommend(hist, 4, params)
+        assert torch.equal(items, alone_items) and torch.equal(scores, alone_scores), params
+    masked = got[1][0]
+    assert not any(int(i) in hist[r].tolist() for r in range(3) for i in masked[r] if i >= 0)
+
+
 def test_cold_start_item_is_retrievable_without_retraining():
     """An item added after training gets its vector from the encoder and its ID from its
     codes; if its vector equals the predicted one, BeamFusion ranks it first."""
