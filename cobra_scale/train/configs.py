@@ -92,6 +92,11 @@ class TrainConfig:
     inference: InferenceConfig = dc_field(default_factory=InferenceConfig)
     distributed: DistributedConfig = dc_field(default_factory=DistributedConfig)
 
+    @property
+    def dense_negatives(self) -> int:
+        """Same-ID negatives per target that the batches get (none without a dense loss)."""
+        return self.same_id_negatives if self.model.use_dense else 0
+
     def __post_init__(self) -> None:
         if self.launcher not in ("local", "ray"):
             raise ConfigError("launcher must be local or ray")

@@ -43,22 +43,10 @@ class Catalogue:
         return len(self.item_ids)
 
     def id_buckets(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Items grouped by full sparse ID: ``(order, start, size)``.
-
-        ``order`` lists item indices sorted by ID; item i's bucket is
-        ``order[start[i] : start[i] + size[i]]`` (itself included). Built once, cached.
-        """
+        """:func:`id_groups` of the catalogue's codes, built once and cached."""
         cached = getattr(self, "_buckets", None)
         if cached is None:
-            codes = self.codes.numpy()
-            packed = np.zeros(len(codes), dtype=np.int64)
-            for level in range(codes.shape[1]):
-                packed = packed * self.codes_per_level + codes[:, level]
-            order = np.argsort(packed, kind="stable")
-            sorted_ids = packed[order]
-            first = np.searchsorted(sorted_ids, packed, side="left")
-            last = np.searchsorted(sorted_ids, packed, side="right")
-            cached = self._buckets = (order, first, last - first)
+            cached = self._buckets = id_groups(self.codes.numpy(), self.codes_per_level)
         return cached
 
     def index_of(self, ids: np.ndarray) -> np.ndarray:
@@ -75,20 +63,29 @@ def load_tokenizer(path: str | None = None):
     return AutoTokenizer.from_pretrained(resolve_model_path(path))
 
 
-def add_dedup_level(codes: np.ndarray, codes_per_level: int) -> np.ndarray:
-    """Append a code that numbers the items sharing an ID (TIGER's disambiguation level).
+def id_groups(codes: np.ndarray, codes_per_level: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Items grouped by full sparse ID: ``(order, start, size)``.
 
-    Returns (N, L+1) codes; raises if a bucket holds more than ``codes_per_level`` items.
+    ``codes`` (N, L); ``order`` lists item indices sorted by ID (stable), and item i's group
+    is ``order[start[i] : start[i] + size[i]]`` (itself included).
     """
     packed = np.zeros(len(codes), dtype=np.int64)
     for level in range(codes.shape[1]):
         packed = packed * codes_per_level + codes[:, level]
     order = np.argsort(packed, kind="stable")
     sorted_ids = packed[order]
-    first = np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]
-    group_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    start = np.searchsorted(sorted_ids, packed, side="left")
+    return order, start, np.searchsorted(sorted_ids, packed, side="right") - start
+
+
+def add_dedup_level(codes: np.ndarray, codes_per_level: int) -> np.ndarray:
+    """Append a code that numbers the items sharing an ID (TIGER's disambiguation level).
+
+    Returns (N, L+1) codes; raises if a bucket holds more than ``codes_per_level`` items.
+    """
+    order, start, _ = id_groups(codes, codes_per_level)
     rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order)) - group_start
+    rank[order] = np.arange(len(order)) - start[order]
     if rank.max(initial=0) >= codes_per_level:
         raise DataError(f"an ID holds {rank.max() + 1} items, more than the {codes_per_level} codes of a dedup level")
     return np.concatenate([codes, rank[:, None]], axis=1)

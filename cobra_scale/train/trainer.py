@@ -328,7 +328,7 @@ def run(cfg: TrainConfig) -> dict:
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", unit="step", leave=False)
         for i in bar:
             chunk = [windows[j] for j in batches[i]]
-            batch = batch_to(trim_tokens(collate(chunk, catalogue, cfg.same_id_negatives if cfg.model.use_dense else 0, rng)), device)
+            batch = batch_to(trim_tokens(collate(chunk, catalogue, cfg.dense_negatives, rng)), device)
             losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, precision)
             for k in sums:
                 sums[k] += float(getattr(losses, k).detach())

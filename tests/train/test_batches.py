@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cobra_scale.model.text_encoder import ItemTextEncoder
-from cobra_scale.train.data import Catalogue, collate, length_bucketed_batches, same_id_items
+from cobra_scale.train.data import Catalogue, add_dedup_level, collate, length_bucketed_batches, same_id_items
 
 
 def catalogue(codes) -> Catalogue:
@@ -25,6 +25,12 @@ def test_id_buckets_group_items_by_full_id():
     for i in range(8):
         bucket = order[start[i] : start[i] + size[i]]
         assert i in bucket and all(CODES[j] == CODES[i] for j in bucket)
+
+
+def test_dedup_level_numbers_the_items_of_each_id_in_catalogue_order():
+    got = add_dedup_level(np.array(CODES), 4)
+    assert got[:, 2].tolist() == [0, 1, 2, 3, 0, 1, 0, 0]
+    assert len({tuple(r) for r in got.tolist()}) == len(CODES)
 
 
 def test_same_id_items_come_from_the_targets_ids_only():
