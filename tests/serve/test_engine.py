@@ -50,7 +50,7 @@ def test_prepare_refuses_bad_content(tiny_run, engine):
     p = engine.prepare({"items": [999, *range(1, 31)], "truncate": True}, s)
     assert len(p.history) == 20 and engine.bundle.item_ids[p.history].tolist() == list(range(11, 31))
     p = engine.prepare({"items": [3, 4], "k": 7, "tau": 2.5, "mode": "no_fusion"}, s)
-    assert p.params == InferenceParams("no_fusion", 8, 2.5, 20.0, "global", False) and p.k == 7
+    assert p.params == InferenceParams("no_fusion", 8, 2.5, 20.0, s.normalize, False) and p.k == 7
 
 
 def test_batch_with_mixed_parameters_equals_direct_calls(tiny_run, engine):
