@@ -38,16 +38,27 @@ class Catalogue:
     token_mask: torch.Tensor  # (N, Tt) long
     codes: torch.Tensor  # (N, L) long
     codes_per_level: int
+    # (N,) bool: items kept out of training (a cold-start split's cold items). They are
+    # never drawn as same-ID negatives; the windows already exclude them.
+    held_out: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.item_ids)
 
     def id_buckets(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:func:`id_groups` of the catalogue's codes, built once and cached."""
+        """:func:`id_groups` of the catalogue's codes over the items not held out, built once and cached."""
         cached = getattr(self, "_buckets", None)
         if cached is None:
-            cached = self._buckets = id_groups(self.codes.numpy(), self.codes_per_level)
+            keep = None if self.held_out is None else ~self.held_out
+            cached = self._buckets = id_groups(self.codes.numpy(), self.codes_per_level, keep)
         return cached
+
+    def hold_out(self, indices: np.ndarray) -> None:
+        """Keep the items at ``indices`` out of everything training draws from the catalogue."""
+        mask = np.zeros(len(self), dtype=bool)
+        mask[indices] = True
+        self.held_out = mask
+        self._buckets = None
 
     def index_of(self, ids: np.ndarray) -> np.ndarray:
         """External ids -> catalogue indices; -1 for unknown ids."""
@@ -63,16 +74,18 @@ def load_tokenizer(path: str | None = None):
     return AutoTokenizer.from_pretrained(resolve_model_path(path))
 
 
-def id_groups(codes: np.ndarray, codes_per_level: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def id_groups(codes: np.ndarray, codes_per_level: int, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Items grouped by full sparse ID: ``(order, start, size)``.
 
     ``codes`` (N, L); ``order`` lists item indices sorted by ID (stable), and item i's group
-    is ``order[start[i] : start[i] + size[i]]`` (itself included).
+    is ``order[start[i] : start[i] + size[i]]`` (itself included). With a ``keep`` mask (N,)
+    only kept items are grouped: every item's group is the kept items of its ID.
     """
     packed = np.zeros(len(codes), dtype=np.int64)
     for level in range(codes.shape[1]):
         packed = packed * codes_per_level + codes[:, level]
-    order = np.argsort(packed, kind="stable")
+    members = np.arange(len(codes)) if keep is None else np.flatnonzero(keep)
+    order = members[np.argsort(packed[members], kind="stable")]
     sorted_ids = packed[order]
     start = np.searchsorted(sorted_ids, packed, side="left")
     return order, start, np.searchsorted(sorted_ids, packed, side="right") - start

@@ -49,6 +49,7 @@ def catalogue_arrays(catalogue: Catalogue) -> dict[str, np.ndarray]:
         "token_mask": catalogue.token_mask.numpy(),
         "codes": catalogue.codes.numpy(),
         "codes_per_level": np.asarray(catalogue.codes_per_level),
+        "held_out": catalogue.held_out if catalogue.held_out is not None else np.zeros(0, dtype=bool),
     }
 
 
@@ -59,8 +60,10 @@ def catalogue_from_arrays(arrays: dict[str, np.ndarray]) -> Catalogue:
         # (which copies), never written.
         warnings.simplefilter("ignore", UserWarning)
         as_tensor = torch.from_numpy
+        held_out = arrays.get("held_out")
         return Catalogue(
-            arrays["item_ids"], as_tensor(arrays["tokens"]), as_tensor(arrays["token_mask"]), as_tensor(arrays["codes"]), int(arrays["codes_per_level"])
+            arrays["item_ids"], as_tensor(arrays["tokens"]), as_tensor(arrays["token_mask"]), as_tensor(arrays["codes"]), int(arrays["codes_per_level"]),
+            held_out if held_out is not None and len(held_out) else None,
         )
 
 

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from cobra_scale.config import load_config, save_config
+from cobra_scale.data.io import read_table
 from cobra_scale.devices import pick_device, pick_precision, trim_host_memory
 from cobra_scale.errors import CobraError, DataError
 from cobra_scale.model.cobra import Batch, CobraModel, Losses
@@ -65,10 +66,21 @@ def prepare(cfg: TrainConfig) -> tuple[Catalogue, object]:
     tokenizer = load_tokenizer()
     codes = quantizer_codes(cfg.ids)
     catalogue = load_catalogue(items, Path(cfg.ids) / "sids.parquet", tokenizer, cfg.model.text_tokens, codes, cfg.dedup_level)
+    hold_out_cold_items(catalogue, Path(cfg.data) / "splits" / cfg.split)
     cfg.model.levels = int(catalogue.codes.shape[1])
     cfg.model.codes = codes
     cfg.model.vocab_size = int(tokenizer.vocab_size)
     return catalogue, tokenizer
+
+
+def hold_out_cold_items(catalogue: Catalogue, split: Path) -> None:
+    """A cold-start split's ``cold_items.parquet``: those items are never training negatives."""
+    cold_file = split / "cold_items.parquet"
+    if not cold_file.is_file():
+        return
+    cold = catalogue.index_of(np.asarray(read_table(cold_file, columns=["item_id"]).column("item_id"), dtype=np.int64))
+    catalogue.hold_out(cold[cold >= 0])
+    log.info("%d cold-start items of %s held out of training", int((cold >= 0).sum()), cold_file)
 
 
 def init_token_embeddings(model: CobraModel) -> None:

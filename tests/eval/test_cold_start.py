@@ -42,3 +42,49 @@ def test_segments_split_users_by_target_and_score_each_segment():
     assert out["cold"]["ndcg@10"] == pytest.approx(0.5 / np.log2(8))
     table = markdown_table({"split": "s", "split_name": "test", "cold_items": 2, "rows": {"m": out}})
     assert "| m | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 0.0000 | 0.0000 | 0.5000 |" in table
+
+
+@pytest.mark.slow
+def test_coldstart_command_end_to_end(tmp_path):
+    """loo_cold split of a tiny dataset -> full and w/o-Dense runs -> `cobra coldstart` table."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cobra_scale.config import load_config
+    from cobra_scale.data.configs import SplitConfig
+    from cobra_scale.data.io import write_table
+    from cobra_scale.data.schemas import SEQUENCES_SCHEMA
+    from cobra_scale.data.split import split_files
+    from cobra_scale.eval.cold_start import run as coldstart
+    from cobra_scale.eval.configs import ColdStartConfig
+    from cobra_scale.train.configs import TrainConfig
+    from cobra_scale.train.trainer import run as train
+    from tests.model.fixtures import tiny_dataset
+    from tests.retrieve.fixtures import SMALL
+
+    data = tiny_dataset(tmp_path / "data")
+    test = pq.read_table(data / "splits" / "loo" / "test").to_pylist()  # histories are whole (<= 12 items)
+    rows = [{"user_id": r["user_id"], "item_ids": r["history"] + r["targets"], "timestamps": None} for r in test]
+    write_table(pa.Table.from_pylist(rows, schema=SEQUENCES_SCHEMA), data / "sequences" / "part-00000.parquet")
+    report = split_files(SplitConfig(sequences=str(data / "sequences"), out=str(data / "splits" / "loo_cold"), kind="loo_cold", cold_fraction=0.2, seed=0))
+    assert report["cold_items"] > 0 and report["test_users_cold_target"] > 0
+    common = [f"data={data}", f"ids={data / 'ids'}", "split=loo_cold", *SMALL]
+    train(load_config(TrainConfig, dotlist=[*common, f"out={tmp_path / 'full'}", "same_id_negatives=4"]))
+    train(load_config(TrainConfig, dotlist=[*common, f"out={tmp_path / 'sparse'}", "model.use_dense=false", "dedup_level=true", "inference.mode=sparse_only"]))
+    got = coldstart(load_config(ColdStartConfig, dotlist=[f"run={tmp_path / 'full'}", f"sparse_run={tmp_path / 'sparse'}", f"out={tmp_path / 'cs'}", "liger_beams=4"]))
+    result = json.loads((tmp_path / "cs" / "coldstart.json").read_text())
+    assert set(result["rows"]) == {"COBRA (cobra)", "LIGER mode", "COBRA (no_fusion)", "COBRA w/o Dense (TIGER-like)"}
+    for row in result["rows"].values():
+        assert row["cold"]["users"] == report["test_users_cold_target"]
+        assert row["in_set"]["users"] + row["cold"]["users"] == len(test)
+        assert all(0.0 <= row[s]["recall@10"] <= 1.0 for s in ("in_set", "cold"))
+    assert result["cold_items"] == report["cold_items"]
+    assert "LIGER mode" in (tmp_path / "cs" / "coldstart.md").read_text() and got["table"].endswith("coldstart.md")
+    # a run trained on a split without cold items is refused with a message, not a traceback
+    from cobra_scale.errors import DataError
+
+    train(load_config(TrainConfig, dotlist=[f"data={data}", f"ids={data / 'ids'}", f"out={tmp_path / 'loo'}", *SMALL]))
+    with pytest.raises(DataError, match="cold_items.parquet"):
+        coldstart(load_config(ColdStartConfig, dotlist=[f"run={tmp_path / 'loo'}"]))

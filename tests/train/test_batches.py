@@ -40,6 +40,37 @@ def test_same_id_items_come_from_the_targets_ids_only():
     assert same_id_items(cat, np.array([6, 7]), 5, np.random.default_rng(0)).size == 0
 
 
+def test_held_out_items_are_never_negatives():
+    """A cold-start split's cold items never reach a training batch, not even as same-ID negatives."""
+    cat = catalogue(CODES)
+    cat.id_buckets()  # cached before hold_out: hold_out must reset the cache
+    cat.hold_out(np.array([1, 2, 5]))
+    order, start, size = cat.id_buckets()
+    assert size[[0, 3, 4]].tolist() == [2, 2, 1]
+    for seed in range(20):
+        got = set(same_id_items(cat, np.array([0, 3, 4]), 50, np.random.default_rng(seed)).tolist())
+        assert got == {0, 3}  # item 4's ID now holds only item 4
+        batch = collate([np.array([6, 0]), np.array([7, 4, 3])], cat, same_id_negatives=8, rng=np.random.default_rng(seed))
+        assert not set(batch.item_ids.tolist()) & {1, 2, 5}
+
+
+def test_hold_out_comes_from_the_splits_cold_items(tmp_path):
+    from cobra_scale.data.io import write_table
+    from cobra_scale.train.streaming import catalogue_arrays, catalogue_from_arrays
+    from cobra_scale.train.trainer import hold_out_cold_items
+    import pyarrow as pa
+
+    cat = catalogue(CODES)
+    hold_out_cold_items(cat, tmp_path)  # no cold_items.parquet: nothing held out
+    assert cat.held_out is None
+    write_table(pa.table({"item_id": pa.array([10, 50, 999], pa.int64())}), tmp_path / "cold_items.parquet")
+    hold_out_cold_items(cat, tmp_path)
+    assert np.flatnonzero(cat.held_out).tolist() == [1, 5]  # 999 is not in the catalogue
+    # the Ray launcher's broadcast carries the mask
+    assert np.array_equal(catalogue_from_arrays(catalogue_arrays(cat)).held_out, cat.held_out)
+    assert catalogue_from_arrays(catalogue_arrays(catalogue(CODES))).held_out is None
+
+
 def test_collate_with_negatives_keeps_sequences_and_adds_only_keys():
     cat = catalogue(CODES)
     windows = [np.array([6, 0]), np.array([7, 4, 6])]
