@@ -38,6 +38,21 @@ def segment_users(targets: list[np.ndarray], cold: np.ndarray) -> dict[str, np.n
     return {"in_set": np.flatnonzero(~is_cold), "cold": np.flatnonzero(is_cold)}
 
 
+def sample_segments(segments: dict[str, np.ndarray], n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """At most ``n`` users of each segment (seeded, in their original order); all when ``n`` is 0."""
+    rng = np.random.default_rng(seed)
+    return {k: (np.sort(rng.choice(rows, n, replace=False)) if n and len(rows) > n else rows) for k, rows in segments.items()}
+
+
+def recall_half_width(recall: float, users: int, z: float = 1.96) -> float:
+    """95% half-width of a segment's mean recall, normal approximation ``z·sqrt(p(1-p)/n)``.
+
+    Exact for one target per user (a 0/1 hit); with several targets per-user recall lies
+    in [0, 1] with mean p, whose variance is at most p(1-p), so the width is an upper bound.
+    """
+    return float(z * np.sqrt(max(recall * (1 - recall), 0.0) / users)) if users else 0.0
+
+
 def evaluate_segments(rec, history: torch.Tensor, targets: list[np.ndarray], params, segments: dict[str, np.ndarray], batch_users: int, device) -> dict:
     from cobra_scale.eval.offline import evaluate
 
@@ -48,7 +63,7 @@ def evaluate_segments(rec, history: torch.Tensor, targets: list[np.ndarray], par
             continue
         sel = torch.from_numpy(rows)
         m = evaluate(rec, history[sel], [targets[i] for i in rows], params, batch_users=batch_users, device=device)
-        out[name] = {"users": int(len(rows)), **m}
+        out[name] = {"users": int(len(rows)), **m, **{f"{k}_hw95": recall_half_width(v, len(rows)) for k, v in m.items() if k.startswith("recall@")}}
     return out
 
 
@@ -79,6 +94,9 @@ def run(cfg: ColdStartConfig) -> dict:
     examples = load_examples(split / cfg.split_name, catalogue, tcfg.model.max_items - 1).sample(cfg.max_users)
     segments = segment_users(examples.targets, cold)
     log.info("%d users: %d with an in-set target, %d with a cold-start target (%d cold items)", len(examples.targets), len(segments["in_set"]), len(segments["cold"]), len(cold))
+    segments = sample_segments(segments, cfg.max_segment_users)
+    if cfg.max_segment_users:
+        log.info("evaluating %d in-set and %d cold users (max_segment_users=%d)", len(segments["in_set"]), len(segments["cold"]), cfg.max_segment_users)
     rows = {}
     for mode in cfg.modes:
         params = replace(base, mode=mode, exclude_history=cfg.exclude_history)
@@ -99,6 +117,7 @@ def run(cfg: ColdStartConfig) -> dict:
         "split": str(split),
         "split_name": cfg.split_name,
         "users": len(examples.targets),
+        "segment_users": {k: int(len(v)) for k, v in segments.items()},
         "cold_items": int(len(cold)),
         "rows": rows,
         "wall_minutes": round((time.perf_counter() - started) / 60, 2),
@@ -114,12 +133,19 @@ def markdown_table(result: dict) -> str:
     first = next(iter(result["rows"].values()))
     lines = [
         f"Segments of {result['split']} ({result['split_name']}): in-set targets {first['in_set']['users']} users, "
-        f"cold-start targets {first['cold']['users']} users ({result['cold_items']} cold items).",
+        f"cold-start targets {first['cold']['users']} users ({result['cold_items']} cold items). "
+        "R@10 ± the 95% half-width of the segment mean.",
         "",
         "| model / mode | in-set R@5 | in-set N@5 | in-set R@10 | in-set N@10 | cold R@5 | cold N@5 | cold R@10 | cold N@10 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, seg in result["rows"].items():
-        cells = [f"{seg[s].get(m, 0.0):.4f}" for s in SEGMENTS for m in ("recall@5", "ndcg@5", "recall@10", "ndcg@10")]
+        cells = []
+        for s in SEGMENTS:
+            for m in ("recall@5", "ndcg@5", "recall@10", "ndcg@10"):
+                cell = f"{seg[s].get(m, 0.0):.4f}"
+                if m == "recall@10" and f"{m}_hw95" in seg[s]:
+                    cell += f" ± {seg[s][m + '_hw95']:.4f}"
+                cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

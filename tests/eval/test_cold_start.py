@@ -41,7 +41,20 @@ def test_segments_split_users_by_target_and_score_each_segment():
     assert out["cold"]["recall@5"] == 0.0 and out["cold"]["recall@10"] == pytest.approx(0.5)
     assert out["cold"]["ndcg@10"] == pytest.approx(0.5 / np.log2(8))
     table = markdown_table({"split": "s", "split_name": "test", "cold_items": 2, "rows": {"m": out}})
-    assert "| m | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 0.0000 | 0.0000 | 0.5000 |" in table
+    assert out["cold"]["recall@10_hw95"] == pytest.approx(1.96 * np.sqrt(0.25 / 2))
+    assert "| m | 0.5000 | 0.5000 | 0.5000 ± 0.6930 | 0.5000 | 0.0000 | 0.0000 | 0.5000 ± 0.6930 |" in table
+
+
+def test_sample_segments_caps_each_segment_and_keeps_order():
+    from cobra_scale.eval.cold_start import recall_half_width, sample_segments
+
+    segs = {"in_set": np.arange(0, 100, 2), "cold": np.array([1, 3, 5])}
+    got = sample_segments(segs, 10, seed=0)
+    assert len(got["in_set"]) == 10 and set(got["in_set"]) <= set(segs["in_set"]) and np.all(np.diff(got["in_set"]) > 0)
+    assert got["cold"].tolist() == [1, 3, 5]  # smaller than the cap: all of it
+    assert np.array_equal(sample_segments(segs, 10, seed=0)["in_set"], got["in_set"])  # seeded
+    assert sample_segments(segs, 0)["in_set"] is segs["in_set"]
+    assert recall_half_width(0.0, 50) == 0.0 and recall_half_width(0.3, 0) == 0.0
 
 
 @pytest.mark.slow
