@@ -141,6 +141,17 @@ def histories_of(run: Path, limit: int) -> list[list[int]]:
     return [h for h in out if h]
 
 
+def catalogue_max_id(run: Path) -> int:
+    """The largest item id of the run's catalogue: ids above it are unknown to the server."""
+    from cobra_scale.config import load_config
+    from cobra_scale.data.io import read_table
+    from cobra_scale.train.configs import TrainConfig
+
+    cfg = load_config(TrainConfig, run / "config.yaml")
+    items = Path(cfg.items) if cfg.items else Path(cfg.data) / "items.parquet"
+    return int(np.max(np.asarray(read_table(items, columns=["item_id"]).column("item_id"))))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run folder of `cobra train`")
@@ -246,7 +257,7 @@ def main(argv=None) -> int:
 
         async def fuzz_phase() -> dict:
             openapi = get("/openapi.json")
-            max_id = max(max(h) for h in histories)
+            max_id = catalogue_max_id(run)  # not the histories' largest id: the catalogue may hold larger ones
             cases = malformed_requests(openapi, {"items": histories[0], "k": args.k}, seed=args.seed, unknown_items=[max_id + 1, max_id + 1000])
             drawn = [next(cases) for _ in range(args.fuzz)]
             res = PhaseResult("fuzz")
