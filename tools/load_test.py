@@ -148,8 +148,7 @@ def catalogue_max_id(run: Path) -> int:
     from cobra_scale.train.configs import TrainConfig
 
     cfg = load_config(TrainConfig, run / "config.yaml")
-    items = Path(cfg.items) if cfg.items else Path(cfg.data) / "items.parquet"
-    return int(np.max(np.asarray(read_table(items, columns=["item_id"]).column("item_id"))))
+    return int(np.max(np.asarray(read_table(cfg.items_path, columns=["item_id"]).column("item_id"))))
 
 
 def main(argv=None) -> int:

@@ -70,17 +70,15 @@ def evaluate_segments(rec, history: torch.Tensor, targets: list[np.ndarray], par
 def _load(run: str):
     from cobra_scale.train.trainer import inference_params, load_run, make_recommender
 
+    from cobra_scale.train.data import cold_item_indices
+
     model, catalogue, tcfg, device = load_run(run)
     split = Path(tcfg.data) / "splits" / tcfg.split
-    cold_file = split / "cold_items.parquet"
-    if not cold_file.is_file():
+    cold = cold_item_indices(split, catalogue)
+    if cold is None:
         raise DataError(f"{run} was trained on split {split}, which has no cold_items.parquet (make one with `cobra data split kind=loo_cold`)")
-    import pyarrow.parquet as pq
-
-    cold_ids = np.asarray(pq.read_table(cold_file).column("item_id"), dtype=np.int64)
-    cold = catalogue.index_of(cold_ids)
     if (cold < 0).any():
-        raise DataError(f"{int((cold < 0).sum())} cold item(s) of {cold_file} are missing from the run's catalogue")
+        raise DataError(f"{int((cold < 0).sum())} cold item(s) of {split / 'cold_items.parquet'} are missing from the run's catalogue")
     rec = make_recommender(model, catalogue, device)
     rec.cold_items = torch.from_numpy(cold).to(device)
     return rec, catalogue, tcfg, device, split, cold, inference_params(tcfg.inference)

@@ -18,8 +18,7 @@ def run(cfg: RecommendConfig) -> dict:
 
     model, catalogue, tcfg, device = load_run(cfg.run)
     max_hist = tcfg.model.max_items - 1
-    items_path = Path(tcfg.items) if tcfg.items else Path(tcfg.data) / "items.parquet"
-    titles = dict(zip(*[read_table(items_path, columns=["item_id", "title"]).column(c).to_pylist() for c in ("item_id", "title")]))
+    titles = dict(zip(*[read_table(tcfg.items_path, columns=["item_id", "title"]).column(c).to_pylist() for c in ("item_id", "title")]))
     if cfg.history:
         ids = np.asarray([int(x) for x in cfg.history], dtype=np.int64)
         idx = catalogue.index_of(ids)

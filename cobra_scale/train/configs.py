@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field as dc_field
+from pathlib import Path
 from typing import Optional
 
 from cobra_scale.config import field
@@ -91,6 +92,11 @@ class TrainConfig:
     model: CobraConfig = dc_field(default_factory=CobraConfig)
     inference: InferenceConfig = dc_field(default_factory=InferenceConfig)
     distributed: DistributedConfig = dc_field(default_factory=DistributedConfig)
+
+    @property
+    def items_path(self) -> Path:
+        """The items catalogue: ``items`` or ``<data>/items.parquet``."""
+        return Path(self.items) if self.items else Path(self.data) / "items.parquet"
 
     @property
     def dense_negatives(self) -> int:

@@ -195,6 +195,15 @@ def examples_from_table(table, catalogue: Catalogue, max_history: int, path: str
     return EvalSet(history, targets, np.asarray(table.column("user_id"), dtype=np.int64))
 
 
+def cold_item_indices(split: str | Path, catalogue: Catalogue) -> np.ndarray | None:
+    """Catalogue indices of a cold-start split's ``cold_items.parquet`` (-1 for ids the
+    catalogue lacks); None when the split has no cold items."""
+    cold_file = Path(split) / "cold_items.parquet"
+    if not cold_file.is_file():
+        return None
+    return catalogue.index_of(np.asarray(read_table(cold_file, columns=["item_id"]).column("item_id"), dtype=np.int64))
+
+
 def same_id_items(catalogue: Catalogue, items: np.ndarray, per_item: int, rng: np.random.Generator) -> np.ndarray:
     """Up to ``per_item`` random items sharing the full sparse ID of each of ``items`` (with
     repeats removed; may include ``items`` themselves). Hard negatives for the dense loss."""

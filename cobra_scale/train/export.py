@@ -101,8 +101,7 @@ def run(cfg: ExportConfig) -> dict:
         (out / "ids").mkdir()
         shutil.copy2(ids_src / "sids.parquet", out / "ids" / "sids.parquet")
         shutil.copytree(ids_src / "quantizer", out / "ids" / "quantizer")
-        items_src = Path(tcfg.items) if tcfg.items else Path(tcfg.data) / "items.parquet"
-        shutil.copy2(items_src, out / "items.parquet")
+        shutil.copy2(tcfg.items_path, out / "items.parquet")
         tcfg = dataclasses.replace(tcfg, ids=str((out / "ids").resolve()), items=str((out / "items.parquet").resolve()))
     tcfg = dataclasses.replace(tcfg, out=str(out))
     save_config(tcfg, out)

@@ -25,7 +25,6 @@ import torch
 from tqdm import tqdm
 
 from cobra_scale.config import load_config, save_config
-from cobra_scale.data.io import read_table
 from cobra_scale.devices import pick_device, pick_precision, trim_host_memory
 from cobra_scale.errors import CobraError, DataError
 from cobra_scale.model.cobra import Batch, CobraModel, Losses
@@ -34,6 +33,7 @@ from cobra_scale.train.configs import InferenceConfig, TrainConfig
 from cobra_scale.train.data import (
     Catalogue,
     batch_to,
+    cold_item_indices,
     collate,
     length_bucketed_batches,
     load_catalogue,
@@ -60,7 +60,7 @@ def quantizer_codes(ids_dir: str | Path) -> int:
 
 def prepare(cfg: TrainConfig) -> tuple[Catalogue, object]:
     """Tokenizer + catalogue; fills ``cfg.model.levels/codes/vocab_size`` from the data."""
-    items = Path(cfg.items) if cfg.items else Path(cfg.data) / "items.parquet"
+    items = cfg.items_path
     if not items.is_file():
         raise DataError(f"items catalogue {items} not found (import a dataset with `cobra data ...`)")
     tokenizer = load_tokenizer()
@@ -75,12 +75,11 @@ def prepare(cfg: TrainConfig) -> tuple[Catalogue, object]:
 
 def hold_out_cold_items(catalogue: Catalogue, split: Path) -> None:
     """A cold-start split's ``cold_items.parquet``: those items are never training negatives."""
-    cold_file = split / "cold_items.parquet"
-    if not cold_file.is_file():
+    cold = cold_item_indices(split, catalogue)
+    if cold is None:
         return
-    cold = catalogue.index_of(np.asarray(read_table(cold_file, columns=["item_id"]).column("item_id"), dtype=np.int64))
     catalogue.hold_out(cold[cold >= 0])
-    log.info("%d cold-start items of %s held out of training", int((cold >= 0).sum()), cold_file)
+    log.info("%d cold-start items of %s held out of training", int((cold >= 0).sum()), split)
 
 
 def init_token_embeddings(model: CobraModel) -> None:
