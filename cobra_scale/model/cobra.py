@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cobra_scale.errors import ConfigError
 from cobra_scale.model.config import CobraConfig
 from cobra_scale.model.decoder import CausalDecoder, KVCache
 from cobra_scale.model.text_encoder import ItemTextEncoder
@@ -47,6 +48,7 @@ class Losses:
     dense: torch.Tensor
     sparse_per_level: list[float]
     predictions: int
+    item_vectors: torch.Tensor | None = None  # (U, d) the batch's encoded items, detached (for a negatives bank)
 
 
 def dense_contrastive_loss(pred, keys, positives, temperature, query_item_ids, key_item_ids, impl: str = "auto"):
@@ -93,6 +95,13 @@ class CobraModel(nn.Module):
         if self.prefix_emb is not None:
             for table in self.prefix_emb:
                 nn.init.zeros_(table.weight)
+        # Free per-item rows added to the text vector (item_embedding; zero-initialised, so an
+        # item starts as its text and a held-out / new item stays its text).
+        if cfg.item_embedding and cfg.catalogue_items <= 0:
+            raise ConfigError("item_embedding needs catalogue_items > 0 (the trainer sets it from the catalogue)")
+        self.item_emb = nn.Embedding(cfg.catalogue_items, d) if cfg.item_embedding else None
+        if self.item_emb is not None:
+            nn.init.zeros_(self.item_emb.weight)
         self.type_emb = nn.Embedding(L + 1, d)  # levels 0..L-1, then "dense"
         self.pos_emb = nn.Embedding(cfg.max_items, d)
         self.dense_in = nn.Linear(d, d)
@@ -141,9 +150,19 @@ class CobraModel(nn.Module):
             logits = logits + torch.einsum("pd,pkd->pk", h, self.prefix_emb[level](nodes).to(h.dtype))
         return logits
 
-    def encode_items(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Dense vectors (U, d) of items from their text tokens (U, Tt)."""
-        return self.encoder(tokens, mask)
+    def encode_items(self, tokens: torch.Tensor, mask: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense vectors (U, d) of items from their text tokens (U, Tt).
+
+        ``items`` (U,) are their catalogue indices; with ``item_embedding`` on, items that
+        have a row (index < catalogue_items) get it added. Without ``items`` (or for indices
+        beyond the table, e.g. items added after training) the vector is the text's alone.
+        """
+        vectors = self.encoder(tokens, mask)
+        if self.item_emb is None or items is None:
+            return vectors
+        known = (items >= 0) & (items < self.item_emb.num_embeddings)
+        rows = self.item_emb(items.clamp(0, self.item_emb.num_embeddings - 1))
+        return vectors + rows * known[:, None].to(rows.dtype)
 
     def item_tokens(self, codes: torch.Tensor, vectors: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
         """Input embeddings of items: ``codes`` (B, S, L), ``vectors`` (B, S, d), ``positions`` (B, S)
@@ -171,13 +190,16 @@ class CobraModel(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def forward(self, batch: Batch) -> Losses:
+    def forward(self, batch: Batch, extra_keys: torch.Tensor | None = None, extra_key_ids: torch.Tensor | None = None) -> Losses:
+        """Losses of a batch. ``extra_keys`` (E, d) with their item ids ``extra_key_ids`` (E,)
+        are more negatives for the dense softmax (e.g. a bank of catalogue vectors, no
+        gradient); they must not hold the batch's own items."""
         cfg = self.cfg
         L, T = cfg.levels, self.tokens_per_item
         seq = batch.seq
         valid = seq >= 0  # (B, S)
         idx = seq.clamp(min=0)
-        vectors = self.encode_items(batch.item_tokens, batch.item_token_mask) if cfg.use_dense else None  # (U, d)
+        vectors = self.encode_items(batch.item_tokens, batch.item_token_mask, batch.item_ids) if cfg.use_dense else None  # (U, d)
         codes = batch.item_codes[idx]  # (B, S, L)
         x = self.item_tokens(codes, vectors[idx] if vectors is not None else None, self.positions(valid))  # (B, S, T, d)
         b, s = seq.shape
@@ -203,11 +225,13 @@ class CobraModel(nn.Module):
         dense = zero
         if cfg.use_dense:
             pred = self.dense_head(pred_in[:, T - 1])  # (P, d)
-            dense = dense_contrastive_loss(
-                pred, vectors, target_items, self.temperature, batch.item_ids[target_items], batch.item_ids, impl=self.dense_loss_impl
-            )
+            keys, key_ids = vectors, batch.item_ids
+            if extra_keys is not None and extra_keys.numel():
+                keys = torch.cat([vectors, extra_keys.to(vectors.dtype)])
+                key_ids = torch.cat([batch.item_ids, extra_key_ids])
+            dense = dense_contrastive_loss(pred, keys, target_items, self.temperature, batch.item_ids[target_items], key_ids, impl=self.dense_loss_impl)
         total = cfg.sparse_weight * sparse + cfg.dense_weight * dense
-        return Losses(total, sparse, dense, per_level, int(target_items.numel()))
+        return Losses(total, sparse, dense, per_level, int(target_items.numel()), vectors.detach() if vectors is not None else None)
 
     # ------------------------------------------------------------------ inference steps
 

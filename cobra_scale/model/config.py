@@ -37,6 +37,12 @@ class CobraConfig:
         "heads: a per-ID embedding on the input and per-ID scores on the output",
     )
     prefix_rows: int = field(1 << 16, help="rows per level of the prefix embeddings; deeper tries are hashed into them")
+    item_embedding: bool = field(
+        False,
+        help="add a free per-item embedding (zero-initialised, one row per catalogue item) to the text encoder's vector; "
+        "items added after training (cold start) keep their text vector alone. Not in the paper, where the dense vector is text only",
+    )
+    catalogue_items: int = field(0, help="rows of the per-item embedding (set from the catalogue when item_embedding is on)")
 
     def __post_init__(self) -> None:
         if self.d_model % self.decoder_heads or self.encoder_dim % self.encoder_heads:
@@ -47,5 +53,7 @@ class CobraConfig:
             raise ConfigError("text_tokens and max_items must be >= 2")
         if self.prefix_rows < 1:
             raise ConfigError("prefix_rows must be >= 1")
+        if self.catalogue_items < 0:
+            raise ConfigError("catalogue_items must be >= 0")
         if self.temperature <= 0:
             raise ConfigError("temperature must be > 0")

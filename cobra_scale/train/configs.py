@@ -80,6 +80,11 @@ class TrainConfig:
     precision: str = field("fp32", help="fp32 | bf16 (autocast; standard on GPUs, ~1.4x faster on CPUs with AVX512-BF16/AMX; falls back to fp32 on CPUs without native bf16, where it would be ~50x slower)")
     init_embeddings: bool = field(True, help="initialise token embeddings from all-MiniLM-L6-v2 (PCA-projected)")
     same_id_negatives: int = field(0, help="dense loss: add up to N other items of each target's sparse ID to the batch as hard negatives (0 = in-batch only)")
+    catalogue_negatives: int = field(
+        0,
+        help="dense loss: also score each prediction against N catalogue items not in the batch, from a bank of their latest "
+        "vectors (no gradient; re-encoded each epoch); -1 = the whole catalogue, 0 = in-batch only (the paper). Local launcher",
+    )
     length_buckets: bool = field(True, help="batch windows of similar length together (less padding; local launcher)")
     dedup_level: bool = field(False, help="append a code numbering items inside an ID (for the TIGER-like w/o Dense ablation)")
     eval_users: int = field(0, help="validation users per epoch (0 = all)")
@@ -113,6 +118,10 @@ class TrainConfig:
             raise ConfigError("lr must be > 0")
         if self.same_id_negatives < 0:
             raise ConfigError("same_id_negatives must be >= 0")
+        if self.catalogue_negatives < -1:
+            raise ConfigError("catalogue_negatives must be -1 (whole catalogue), 0 (off) or a count")
+        if self.catalogue_negatives and self.launcher == "ray":
+            raise ConfigError("catalogue_negatives is built for the local launcher only; use same_id_negatives with launcher=ray")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("device must be auto|cpu|cuda")
         if self.precision not in ("fp32", "bf16"):

@@ -30,6 +30,7 @@ from cobra_scale.errors import CobraError, DataError
 from cobra_scale.model.cobra import Batch, CobraModel, Losses
 from cobra_scale.retrieve.recommender import InferenceParams, Recommender
 from cobra_scale.train.configs import InferenceConfig, TrainConfig
+from cobra_scale.train.negatives import VectorBank
 from cobra_scale.train.data import (
     Catalogue,
     batch_to,
@@ -70,6 +71,8 @@ def prepare(cfg: TrainConfig) -> tuple[Catalogue, object]:
     cfg.model.levels = int(catalogue.codes.shape[1])
     cfg.model.codes = codes
     cfg.model.vocab_size = int(tokenizer.vocab_size)
+    if cfg.model.item_embedding:
+        cfg.model.catalogue_items = len(catalogue)
     return catalogue, tokenizer
 
 
@@ -159,8 +162,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 # ----------------------------------------------------------------------------- step
 
 
-def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float, precision: str = "fp32", engine=None) -> Losses:
+def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float, precision: str = "fp32", engine=None,
+               bank: VectorBank | None = None) -> Losses:
     """One optimisation step on one batch (the unit the distributed trainer wraps).
+
+    With a ``bank`` the dense softmax also gets catalogue negatives from it, and the bank
+    takes the batch's freshly encoded item vectors afterwards.
 
     With a DeepSpeed ``engine`` (``model`` is then the engine itself) the engine owns the
     backward (loss scaling, gradient accumulation, ZeRO reduce-scatter), clipping
@@ -169,7 +176,13 @@ def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer
     model.train()
     device_type = batch.seq.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        losses = model(batch)
+        if bank is not None:
+            extra, extra_ids = bank.sample(batch.item_ids)
+            losses = model(batch, extra, extra_ids)
+        else:
+            losses = model(batch)
+    if bank is not None and losses.item_vectors is not None:
+        bank.update(batch.item_ids, losses.item_vectors)
     if engine is not None:
         engine.backward(losses.total)
         engine.step()
@@ -195,7 +208,8 @@ def encode_catalogue(model: CobraModel, catalogue: Catalogue, device: torch.devi
     for start in range(0, len(catalogue), batch):
         mask = catalogue.token_mask[start : start + batch]
         used = int(mask.sum(1).max())
-        out.append(model.encode_items(catalogue.tokens[start : start + batch, :used].to(device), mask[:, :used].to(device)).float())
+        items = torch.arange(start, min(start + batch, len(catalogue)), device=device)
+        out.append(model.encode_items(catalogue.tokens[start : start + batch, :used].to(device), mask[:, :used].to(device), items).float())
     return torch.cat(out)
 
 
@@ -329,6 +343,12 @@ def run(cfg: TrainConfig) -> dict:
         sum(p.numel() for p in model.parameters()) / 1e6, _dense_impl_name(cfg.dense_loss_impl, device),
     )
     params = inference_params(cfg.inference)
+    bank = None
+    if cfg.catalogue_negatives and cfg.model.use_dense:
+        bank = VectorBank(encode_catalogue(model, catalogue, device), cfg.catalogue_negatives, catalogue.held_out)
+        log.info("dense loss: %s catalogue negatives per step from a bank of %d item vectors",
+                 "all" if cfg.catalogue_negatives < 0 else cfg.catalogue_negatives, len(bank))
+    bank_stale = False
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
     stop_reason = "epochs"
     while state["epoch"] < cfg.epochs:
@@ -336,11 +356,14 @@ def run(cfg: TrainConfig) -> dict:
         batches = epoch_batches(lengths, cfg, epoch)
         rng = np.random.default_rng([cfg.seed, epoch])
         sums = {"total": 0.0, "sparse": 0.0, "dense": 0.0}
+        if bank is not None and bank_stale:  # built from these weights for the first epoch of this process
+            bank.refresh(encode_catalogue(model, catalogue, device))
+        bank_stale = True
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", unit="step", leave=False)
         for i in bar:
             chunk = [windows[j] for j in batches[i]]
             batch = batch_to(trim_tokens(collate(chunk, catalogue, cfg.dense_negatives, rng)), device)
-            losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, precision)
+            losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, precision, bank=bank)
             for k in sums:
                 sums[k] += float(getattr(losses, k).detach())
             state["step"] += 1

@@ -58,3 +58,14 @@ def test_train_cli_bad_paths_are_one_line(tmp_path, capsys):
     rc = main(["train", "--data", str(tmp_path / "none"), "--ids", str(tmp_path), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "items catalogue" in err
+
+
+def test_catalogue_negatives_and_item_embedding_train_and_reload(data, tmp_path):
+    out = tmp_path / "bank"
+    summary = run(config(data, out, "epochs=2", "catalogue_negatives=-1", "model.item_embedding=true"))
+    assert summary["epochs"] == 2
+    model, catalogue, cfg, device = load_run(out)
+    assert cfg.model.item_embedding and cfg.model.catalogue_items == len(catalogue)
+    assert model.item_emb.weight.abs().sum() > 0  # the rows were trained
+    rec = make_recommender(model, catalogue, device)
+    assert rec is not None
