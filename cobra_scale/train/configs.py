@@ -85,7 +85,7 @@ class TrainConfig:
         help="dense loss: also score each prediction against N catalogue items not in the batch, from a bank of their latest "
         "vectors (no gradient; re-encoded each epoch); -1 = the whole catalogue, 0 = in-batch only (the paper). Local launcher",
     )
-    length_buckets: bool = field(True, help="batch windows of similar length together (less padding; local launcher)")
+    length_buckets: bool = field(True, help="batch windows of similar length together (less padding): sorted inside pools of 64 batches (local) or of 16 micro-batches of a worker's stream (ray)")
     dedup_level: bool = field(False, help="append a code numbering items inside an ID (for the TIGER-like w/o Dense ablation)")
     eval_users: int = field(0, help="validation users per epoch (0 = all)")
     eval_every: int = field(1, help="validate every N epochs")

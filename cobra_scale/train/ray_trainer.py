@@ -380,7 +380,7 @@ def train_loop_per_worker(config: dict) -> None:
         data_s = step_s = 0.0  # where an optimiser step's time goes: waiting for (collated) data vs the step
         ready = time.perf_counter()
         for batch in iter_train_batches(shard, catalogue, micro, dcfg.shuffle_buffer, cfg.seed + epoch, skip=state["batches"],
-                                        same_id_negatives=cfg.dense_negatives):
+                                        same_id_negatives=cfg.dense_negatives, length_buckets=cfg.length_buckets):
             got = time.perf_counter()
             before = engine.global_steps
             losses = train_step(engine, batch_to(batch, device), None, None, cfg.grad_clip, precision, engine=engine)

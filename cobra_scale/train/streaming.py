@@ -136,26 +136,42 @@ def window_dataset(path: str | Path, item_ids: np.ndarray, max_items: int, seed:
 
 
 def iter_train_batches(
-    shard, catalogue: Catalogue, micro_batch: int, shuffle_buffer: int, seed: int, skip: int = 0, same_id_negatives: int = 0
+    shard, catalogue: Catalogue, micro_batch: int, shuffle_buffer: int, seed: int, skip: int = 0, same_id_negatives: int = 0,
+    length_buckets: bool = False, pool_batches: int = 16,
 ) -> Iterator[Batch]:
     """Collated batches of one worker's shard for one epoch, after skipping ``skip`` batches.
 
     ``shard`` is ``ray.train.get_dataset_shard("train")``; every call starts a new epoch.
-    ``same_id_negatives`` as in :func:`~cobra_scale.train.data.collate`.
+    ``same_id_negatives`` as in :func:`~cobra_scale.train.data.collate`. With
+    ``length_buckets`` the shard is read ``pool_batches`` micro-batches at a time (after the
+    local shuffle); each pool's windows are sorted by length, cut into micro-batches and
+    those are shuffled (seeded), as the local trainer's
+    :func:`~cobra_scale.train.data.length_bucketed_batches` does: a batch pads to its own
+    longest window. Either way the order is a function of the seed, so ``skip`` resumes
+    exactly.
     """
     batches = shard.iter_batches(
-        batch_size=micro_batch,
+        batch_size=micro_batch * (pool_batches if length_buckets else 1),
         batch_format="numpy",
         local_shuffle_buffer_size=shuffle_buffer or None,
         local_shuffle_seed=seed if shuffle_buffer else None,
         prefetch_batches=2,
     )
-    for i, block in enumerate(batches):
-        if i < skip:
-            continue  # resume: these were trained on before the checkpoint
-        # negatives seeded by (epoch seed, batch number): a resumed run draws what an uninterrupted one would
-        rng = np.random.default_rng([seed, i])
-        yield trim_tokens(collate(windows_of(block[WINDOW_COLUMN]), catalogue, same_id_negatives, rng))
+    i = 0
+    for p, block in enumerate(batches):
+        windows = block[WINDOW_COLUMN]
+        if length_buckets:
+            order = np.argsort((windows >= 0).sum(1), kind="stable")
+            groups = [order[j : j + micro_batch] for j in range(0, len(order), micro_batch)]
+            groups = [groups[k] for k in np.random.default_rng([seed, p, 1]).permutation(len(groups))]
+        else:
+            groups = [slice(None)]
+        for rows in groups:
+            if i >= skip:  # resume: the first ``skip`` were trained on before the checkpoint
+                # negatives seeded by (epoch seed, batch number): a resumed run draws what an uninterrupted one would
+                rng = np.random.default_rng([seed, i])
+                yield trim_tokens(collate(windows_of(windows[rows]), catalogue, same_id_negatives, rng))
+            i += 1
 
 
 # ----------------------------------------------------------------------------- validation sample
