@@ -145,7 +145,7 @@ def run(cfg: TrainConfig) -> dict:
     )
 
     ray = init_ray(dcfg.address, log_to_driver=True)
-    from ray.data import DataContext, ExecutionOptions
+    from ray.data import DataContext, ExecutionOptions, ExecutionResources
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -175,7 +175,11 @@ def run(cfg: TrainConfig) -> dict:
         datasets={"train": window_dataset(split / "train", catalogue.item_ids, cfg.model.max_items, cfg.seed)},
         # Order preserved: the split gives each rank the same windows in the same order on
         # every run, which is what makes "skip the batches already consumed" a resume.
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        # A data_memory_mb budget caps the object store the reads may fill ahead of the workers.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(
+            preserve_order=True,
+            resource_limits=ExecutionResources(object_store_memory=dcfg.data_memory_mb * 2**20) if dcfg.data_memory_mb else None,
+        )),
     )
     try:
         result = trainer.fit()
