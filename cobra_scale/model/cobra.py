@@ -81,7 +81,8 @@ class CobraModel(nn.Module):
         self.cfg = cfg
         d, L = cfg.d_model, cfg.levels
         self.tokens_per_item = (L if cfg.use_sparse else 0) + (1 if cfg.use_dense else 0)
-        self.encoder = ItemTextEncoder(cfg.vocab_size, cfg.encoder_dim, cfg.encoder_layers, cfg.encoder_heads, cfg.text_tokens, d, cfg.dropout, cfg.attention_dropout)
+        self.encoder = ItemTextEncoder(cfg.vocab_size, cfg.encoder_dim, cfg.encoder_layers, cfg.encoder_heads, cfg.text_tokens, d, cfg.dropout, cfg.attention_dropout,
+                                      cfg.text_pooling)
         self.code_emb = nn.ModuleList(nn.Embedding(cfg.codes, d) for _ in range(L))
         # One row per node of the ID trie (code + its prefix), shared by the input tokens and
         # the code heads (tied, as SASRec ties its item table): the shared per-level table

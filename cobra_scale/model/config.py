@@ -20,6 +20,7 @@ class CobraConfig:
     encoder_layers: int = field(1, help="Transformer layers of the item text encoder (paper: 1)")
     encoder_heads: int = field(4, help="attention heads of the text encoder")
     encoder_dim: int = field(128, help="width of the text encoder")
+    text_pooling: str = field("cls", help="item vector from the text encoder: cls = its [CLS] output (paper) | mean = mean of its outputs over the tokens")
     text_tokens: int = field(32, help="max tokens of an item text, [CLS] included")
     vocab_size: int = field(30522, help="tokenizer vocabulary (set from the tokenizer)")
     max_items: int = field(21, help="max items in a sequence (history + the predicted one)")
@@ -53,6 +54,8 @@ class CobraConfig:
             raise ConfigError("text_tokens and max_items must be >= 2")
         if self.prefix_rows < 1:
             raise ConfigError("prefix_rows must be >= 1")
+        if self.text_pooling not in ("cls", "mean"):
+            raise ConfigError("text_pooling must be cls or mean")
         if self.catalogue_items < 0:
             raise ConfigError("catalogue_items must be >= 0")
         if self.temperature <= 0:

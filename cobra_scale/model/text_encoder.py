@@ -1,5 +1,13 @@
 """Item text encoder: a small Transformer over the item's tokens, [CLS] first; its [CLS]
-output, projected, is the item's dense vector. Trained end to end with the decoder.
+output (``pooling="cls"``, the paper), or the mean of its outputs over the real tokens
+(``pooling="mean"``), projected, is the item's dense vector. Trained end to end with the
+decoder.
+
+Trained from scratch, the [CLS] output starts collapsed: at initialisation the text
+hardly reaches position 0 (attention's value/output weights are ~0.02), so every item
+gets the same vector (mean pairwise cosine 1.000 over 2,000 Beauty items) and the dense
+softmax has nothing to separate. Mean pooling starts from the (MiniLM-initialised) token
+embeddings instead. See docs/model.md.
 
 Built on ``transformers.BertModel`` (1 layer by default), so the trained encoder is saved
 with ``save_pretrained`` and loads in any tool that reads Hugging Face folders.
@@ -14,8 +22,12 @@ from torch import nn
 class ItemTextEncoder(nn.Module):
     """Token ids (U, T) with [CLS] at position 0 -> dense vectors (U, d_model)."""
 
-    def __init__(self, vocab_size: int, dim: int, layers: int, heads: int, max_tokens: int, out_dim: int, dropout: float, attention_dropout: float = 0.0):
+    def __init__(self, vocab_size: int, dim: int, layers: int, heads: int, max_tokens: int, out_dim: int, dropout: float, attention_dropout: float = 0.0,
+                 pooling: str = "cls"):
         super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError("pooling must be cls or mean")
+        self.pooling = pooling
         from transformers import BertConfig, BertModel
 
         self.bert_config = BertConfig(
@@ -71,4 +83,7 @@ class ItemTextEncoder(nn.Module):
 
     def _encode(self, token_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.bert(input_ids=token_ids, attention_mask=attention_mask).last_hidden_state  # (U, T, dim)
-        return self.proj(hidden[:, 0])
+        if self.pooling == "cls":
+            return self.proj(hidden[:, 0])
+        mask = attention_mask.to(hidden.dtype)[..., None]  # mean over the real tokens, [CLS] included
+        return self.proj((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))

@@ -7,7 +7,8 @@ The export folder is a run folder that :func:`~cobra_scale.train.trainer.load_ru
     best/model.safetensors   fp32 weights consolidated from the ZeRO partitions
     best/config.yaml, best/state.json
     text_encoder/            the item text encoder: BERT (save_pretrained) + tokenizer
-                             + projection.safetensors (its [CLS] -> d_model projection)
+                             + projection.safetensors (its pooled output -> d_model projection)
+                             + pooling.json (cls | mean, and whether per-item rows are added)
     ids/                     sids.parquet + quantizer/ (the semantic IDs the model was trained on)
     items.parquet            the catalogue
     export.json              which checkpoint, its epoch and step
@@ -94,6 +95,8 @@ def run(cfg: ExportConfig) -> dict:
     model.encoder.bert.save_pretrained(str(encoder_dir))
     load_tokenizer().save_pretrained(str(encoder_dir))
     save_file({k: v.detach().contiguous() for k, v in model.encoder.proj.state_dict().items()}, str(encoder_dir / "projection.safetensors"))
+    # how the projection reads BERT's outputs; per-item rows (item_embedding) stay in best/model.safetensors
+    (encoder_dir / "pooling.json").write_text(json.dumps({"pooling": tcfg.model.text_pooling, "item_embedding": tcfg.model.item_embedding}))
 
     if cfg.copy_catalogue:
         ids_src = Path(tcfg.ids)
