@@ -191,10 +191,16 @@ class CobraModel(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def forward(self, batch: Batch, extra_keys: torch.Tensor | None = None, extra_key_ids: torch.Tensor | None = None) -> Losses:
-        """Losses of a batch. ``extra_keys`` (E, d) with their item ids ``extra_key_ids`` (E,)
-        are more negatives for the dense softmax (e.g. a bank of catalogue vectors, no
-        gradient); they must not hold the batch's own items."""
+    def forward(self, batch: Batch, bank_keys: torch.Tensor | None = None, bank_ids: torch.Tensor | None = None) -> Losses:
+        """Losses of a batch.
+
+        ``bank_keys`` (E, d), the latest vectors of catalogue items (no gradient), with their
+        catalogue indices ``bank_ids`` (E,, sorted, holding every target of the batch), add a
+        second dense term: each prediction against the bank's keys alone, the target's own
+        bank vector as the positive. Positives and negatives are then equally stale; mixing
+        the batch's fresh vectors among stale negatives would let the model tell them apart
+        by age instead of by item (measured: the dense loss then learns nothing).
+        """
         cfg = self.cfg
         L, T = cfg.levels, self.tokens_per_item
         seq = batch.seq
@@ -226,11 +232,15 @@ class CobraModel(nn.Module):
         dense = zero
         if cfg.use_dense:
             pred = self.dense_head(pred_in[:, T - 1])  # (P, d)
-            keys, key_ids = vectors, batch.item_ids
-            if extra_keys is not None and extra_keys.numel():
-                keys = torch.cat([vectors, extra_keys.to(vectors.dtype)])
-                key_ids = torch.cat([batch.item_ids, extra_key_ids])
-            dense = dense_contrastive_loss(pred, keys, target_items, self.temperature, batch.item_ids[target_items], key_ids, impl=self.dense_loss_impl)
+            dense = dense_contrastive_loss(
+                pred, vectors, target_items, self.temperature, batch.item_ids[target_items], batch.item_ids, impl=self.dense_loss_impl
+            )
+            if bank_keys is not None:
+                targets = batch.item_ids[target_items]
+                at = torch.searchsorted(bank_ids, targets).clamp(max=len(bank_ids) - 1)
+                if not bool((bank_ids[at] == targets).all()):
+                    raise ValueError("bank_ids must hold every target item of the batch")
+                dense = dense + dense_contrastive_loss(pred, bank_keys.to(pred.dtype), at, self.temperature, None, None, impl=self.dense_loss_impl)
         total = cfg.sparse_weight * sparse + cfg.dense_weight * dense
         return Losses(total, sparse, dense, per_level, int(target_items.numel()), vectors.detach() if vectors is not None else None)
 

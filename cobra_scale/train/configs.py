@@ -83,8 +83,9 @@ class TrainConfig:
     same_id_negatives: int = field(0, help="dense loss: add up to N other items of each target's sparse ID to the batch as hard negatives (0 = in-batch only)")
     catalogue_negatives: int = field(
         0,
-        help="dense loss: also score each prediction against N catalogue items not in the batch, from a bank of their latest "
-        "vectors (no gradient; re-encoded each epoch); -1 = the whole catalogue, 0 = in-batch only (the paper). Local launcher",
+        help="dense loss: add a term scoring each prediction against N catalogue items (plus the batch's) from a bank of their "
+        "latest vectors (no gradient, re-encoded each epoch; the positive is the target's bank vector); -1 = the whole "
+        "catalogue, 0 = in-batch only (the paper). Local launcher",
     )
     length_buckets: bool = field(True, help="batch windows of similar length together (less padding): sorted inside pools of 64 batches (local) or of 16 micro-batches of a worker's stream (ray)")
     dedup_level: bool = field(False, help="append a code numbering items inside an ID (for the TIGER-like w/o Dense ablation)")

@@ -4,10 +4,15 @@ The in-batch softmax of the paper scores a prediction against the batch's items 
 (about 2,000 on Beauty at batch 256). :class:`VectorBank` keeps the most recent encoding
 of every catalogue item (no gradient): rows of the batch's items are replaced after each
 step with what the step encoded, and the whole bank is re-encoded once per epoch. Each
-step then adds up to ``negatives`` items of the bank that are not in the batch (all of
-them with ``negatives = -1``) as extra keys, so the dense loss approaches a full softmax
-over the catalogue, as the SASRec-CE baseline's item softmax is, while only the batch's
-items go through the text encoder.
+step the model adds a second dense term: the predictions against ``negatives`` bank
+items (all of them with ``negatives = -1``) plus the batch's, with the target's *bank*
+vector as the positive, so the prediction side learns a softmax over the catalogue, as
+the SASRec-CE baseline's item softmax is, while only the batch's items go through the
+text encoder (whose gradient comes from the in-batch term).
+
+The positives come from the bank too: with the batch's fresh vectors among stale bank
+negatives, the model learned to tell fresh from stale (the encoder drifts between steps)
+instead of items, and the held-out dense loss stayed at chance (measured, docs/model.md).
 
 Items held out of training (a cold-start split's cold items) are never drawn.
 """
@@ -44,16 +49,14 @@ class VectorBank:
         self.vectors[items.to(self.vectors.device)] = vectors.detach().float().to(self.vectors.device)
 
     def sample(self, batch_items: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Negatives for one step: ``(vectors (E, d), item indices (E,))`` of bank items not in ``batch_items``.
+        """Keys for one step: ``(vectors (E, d), item indices (E,), sorted)`` of the bank.
 
         ``negatives = -1`` (or more than the pool) takes every allowed item; otherwise a
-        uniform sample of that many (before the batch's items are dropped from it).
+        uniform sample of that many. The batch's own items are always included (the
+        targets need their bank vector as the positive).
         """
         pool = self.pool
         if 0 <= self.negatives < len(pool):
             pick = torch.randperm(len(pool), generator=generator, device=pool.device)[: self.negatives]
-            pool = pool[pick]
-        in_batch = torch.zeros(len(self.vectors), dtype=torch.bool, device=pool.device)
-        in_batch[batch_items.to(pool.device)] = True
-        keep = pool[~in_batch[pool]]
-        return self.vectors[keep], keep
+            pool = torch.cat([pool[pick], batch_items.to(pool.device)]).unique()  # unique() sorts
+        return self.vectors[pool], pool

@@ -166,8 +166,8 @@ def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer
                bank: VectorBank | None = None) -> Losses:
     """One optimisation step on one batch (the unit the distributed trainer wraps).
 
-    With a ``bank`` the dense softmax also gets catalogue negatives from it, and the bank
-    takes the batch's freshly encoded item vectors afterwards.
+    With a ``bank`` the dense loss gets its catalogue term (see :mod:`cobra_scale.train.negatives`),
+    and the bank takes the batch's freshly encoded item vectors afterwards.
 
     With a DeepSpeed ``engine`` (``model`` is then the engine itself) the engine owns the
     backward (loss scaling, gradient accumulation, ZeRO reduce-scatter), clipping
@@ -177,8 +177,8 @@ def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer
     device_type = batch.seq.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         if bank is not None:
-            extra, extra_ids = bank.sample(batch.item_ids)
-            losses = model(batch, extra, extra_ids)
+            keys, key_ids = bank.sample(batch.item_ids)
+            losses = model(batch, keys, key_ids)
         else:
             losses = model(batch)
     if bank is not None and losses.item_vectors is not None:

@@ -12,17 +12,18 @@ from cobra_scale.train.negatives import VectorBank
 from tests.model.test_cobra import catalogue, tiny_model
 
 
-def test_bank_never_draws_batch_or_held_out_items():
+def test_bank_keys_hold_the_batch_and_never_held_out_items():
     held = np.zeros(10, dtype=bool)
     held[[2, 7]] = True
     bank = VectorBank(torch.randn(10, 4), -1, held)
     vecs, ids = bank.sample(torch.tensor([0, 3, 3]))
-    assert sorted(ids.tolist()) == [1, 4, 5, 6, 8, 9]
+    assert ids.tolist() == [0, 1, 3, 4, 5, 6, 8, 9]
     assert torch.equal(vecs, bank.vectors[ids])
     sampled = VectorBank(torch.randn(10, 4), 3, held)
     for seed in range(20):
-        _, ids = sampled.sample(torch.tensor([0]), torch.Generator().manual_seed(seed))
-        assert len(ids) <= 3 and not set(ids.tolist()) & {0, 2, 7}
+        _, ids = sampled.sample(torch.tensor([0, 5]), torch.Generator().manual_seed(seed))
+        assert {0, 5} <= set(ids.tolist()) and len(ids) <= 5 and not set(ids.tolist()) & {2, 7}
+        assert ids.tolist() == sorted(ids.tolist())
 
 
 def test_bank_update_and_refresh_replace_rows():
@@ -35,22 +36,41 @@ def test_bank_update_and_refresh_replace_rows():
         bank.refresh(torch.zeros(4, 3))
 
 
-def test_extra_keys_make_the_dense_loss_a_softmax_over_the_catalogue():
-    """Batch items {0..5} plus the bank's other items {6..11} give the loss of a batch that
-    encodes all 12 items: the bank stands in for encoding the whole catalogue."""
+def test_bank_term_is_a_softmax_over_the_bank_with_the_targets_bank_vector_as_positive():
+    """The catalogue term equals the in-batch loss of a batch whose keys are the bank's vectors."""
+    from cobra_kernels import cosine_contrastive_loss_reference
+
     model = tiny_model(random_prefix=False)
     tokens, mask, codes = catalogue()
     seq = torch.tensor([[0, 1, 2], [3, 4, 5]])
     sub = torch.arange(6)
-    small = model(Batch(tokens[sub], mask[sub], codes[sub], sub, seq))
-    bank = VectorBank(model.encode_items(tokens, mask).detach(), -1)
-    extra, extra_ids = bank.sample(sub)
-    assert sorted(extra_ids.tolist()) == list(range(6, 12))
-    with_bank = model(Batch(tokens[sub], mask[sub], codes[sub], sub, seq), extra, extra_ids)
-    everything = model(Batch(tokens, mask, codes, torch.arange(12), seq))
-    assert float(with_bank.dense.detach()) == pytest.approx(float(everything.dense.detach()), abs=1e-5)
-    assert float(with_bank.dense.detach()) > float(small.dense.detach())  # more negatives: a harder softmax
+    batch = Batch(tokens[sub], mask[sub], codes[sub], sub, seq)
+    base = model(batch)
+    bank = VectorBank(torch.randn(12, 16), -1)
+    keys, ids = bank.sample(sub)
+    with_bank = model(batch, keys, ids)
+    # the predictions, recovered from the model's own in-batch term: rerun it with the bank as the batch's vectors
+    captured = {}
+    import cobra_scale.model.cobra as cobra_mod
+
+    original = cobra_mod.dense_contrastive_loss
+
+    def spy(pred, k, pos, t, *a, **kw):
+        captured.setdefault("pred", pred.detach())
+        captured.setdefault("t", float(t))
+        return original(pred, k, pos, t, *a, **kw)
+
+    cobra_mod.dense_contrastive_loss = spy
+    try:
+        model(batch)
+    finally:
+        cobra_mod.dense_contrastive_loss = original
+    targets = torch.tensor([1, 2, 4, 5])  # items after the first of each row
+    expected = cosine_contrastive_loss_reference(captured["pred"], bank.vectors, targets, captured["t"])
+    assert float((with_bank.dense - base.dense).detach()) == pytest.approx(float(expected), abs=1e-4)
     assert with_bank.item_vectors.shape == (6, 16) and not with_bank.item_vectors.requires_grad
+    with pytest.raises(ValueError):
+        model(batch, keys[:3], ids[:3])  # a target without a bank row
 
 
 def test_item_embedding_adds_a_row_per_known_item_only():
