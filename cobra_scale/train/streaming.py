@@ -33,7 +33,16 @@ import torch
 
 from cobra_scale.data.io import iter_batches, list_parquet_files, open_parquet
 from cobra_scale.model.cobra import Batch
-from cobra_scale.train.data import Catalogue, EvalSet, collate, examples_from_table, list_indices, training_windows, trim_tokens
+from cobra_scale.train.data import (
+    Catalogue,
+    EvalSet,
+    collate,
+    examples_from_table,
+    length_bucketed_batches,
+    list_indices,
+    training_windows,
+    trim_tokens,
+)
 
 WINDOW_COLUMN = "window"
 
@@ -160,10 +169,8 @@ def iter_train_batches(
     i = 0
     for p, block in enumerate(batches):
         windows = block[WINDOW_COLUMN]
-        if length_buckets:
-            order = np.argsort((windows >= 0).sum(1), kind="stable")
-            groups = [order[j : j + micro_batch] for j in range(0, len(order), micro_batch)]
-            groups = [groups[k] for k in np.random.default_rng([seed, p, 1]).permutation(len(groups))]
+        if length_buckets:  # the block is one pool of the local trainer's bucketing
+            groups = length_bucketed_batches((windows >= 0).sum(1), micro_batch, np.random.default_rng([seed, p, 1]), pool_batches)
         else:
             groups = [slice(None)]
         for rows in groups:

@@ -344,11 +344,6 @@ def run(cfg: TrainConfig) -> dict:
     )
     params = inference_params(cfg.inference)
     bank = None
-    if cfg.catalogue_negatives and cfg.model.use_dense:
-        bank = VectorBank(encode_catalogue(model, catalogue, device), cfg.catalogue_negatives, catalogue.held_out)
-        log.info("dense loss: %s catalogue negatives per step from a bank of %d item vectors",
-                 "all" if cfg.catalogue_negatives < 0 else cfg.catalogue_negatives, len(bank))
-    bank_stale = False
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
     stop_reason = "epochs"
     while state["epoch"] < cfg.epochs:
@@ -356,9 +351,14 @@ def run(cfg: TrainConfig) -> dict:
         batches = epoch_batches(lengths, cfg, epoch)
         rng = np.random.default_rng([cfg.seed, epoch])
         sums = {"total": 0.0, "sparse": 0.0, "dense": 0.0}
-        if bank is not None and bank_stale:  # built from these weights for the first epoch of this process
-            bank.refresh(encode_catalogue(model, catalogue, device))
-        bank_stale = True
+        if cfg.catalogue_negatives and cfg.model.use_dense:  # each epoch the bank starts from the current weights
+            vectors = encode_catalogue(model, catalogue, device)
+            if bank is None:
+                bank = VectorBank(vectors, cfg.catalogue_negatives, catalogue.held_out)
+                log.info("dense loss: %s catalogue negatives per step from a bank of %d item vectors",
+                         "all" if cfg.catalogue_negatives < 0 else cfg.catalogue_negatives, len(bank))
+            else:
+                bank.refresh(vectors)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", unit="step", leave=False)
         for i in bar:
             chunk = [windows[j] for j in batches[i]]
