@@ -70,6 +70,10 @@ class TrainConfig:
     split: str = field("loo", help="split folder under data/splits")
     items: Optional[str] = field(None, help="items catalogue (default: <data>/items.parquet)")
     epochs: int = field(30, help="max epochs")
+    steps_per_epoch: int = field(
+        0, help="cap each epoch at N steps, a different seeded sample of the windows each epoch (0 = a full pass); for logs of "
+        "millions of users, where a pass takes hours and validation, checkpoints and the time budget act at epoch ends. Local launcher",
+    )
     batch_size: int = field(512, help="training windows per step")
     lr: float = field(2e-3, help="AdamW peak learning rate")
     weight_decay: float = field(0.01, help="AdamW weight decay")
@@ -120,6 +124,10 @@ class TrainConfig:
             raise ConfigError("lr must be > 0")
         if self.same_id_negatives < 0:
             raise ConfigError("same_id_negatives must be >= 0")
+        if self.steps_per_epoch < 0:
+            raise ConfigError("steps_per_epoch must be >= 0 (0 = a full pass over the windows)")
+        if self.steps_per_epoch and self.launcher == "ray":
+            raise ConfigError("steps_per_epoch is for the local launcher; with launcher=ray bound the run with distributed.max_steps")
         if self.catalogue_negatives < -1:
             raise ConfigError("catalogue_negatives must be -1 (whole catalogue), 0 (off) or a count")
         if self.catalogue_negatives and self.launcher == "ray":

@@ -329,6 +329,8 @@ def run(cfg: TrainConfig) -> dict:
     optimizer = make_optimizer(model, cfg)
     lengths = np.array([len(w) for w in windows])
     steps_per_epoch = len(epoch_batches(lengths, cfg, 0))
+    if cfg.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": []}
     last = out / "checkpoints" / "last"

@@ -69,3 +69,27 @@ def test_catalogue_negatives_and_item_embedding_train_and_reload(data, tmp_path)
     assert model.item_emb.weight.abs().sum() > 0  # the rows were trained
     rec = make_recommender(model, catalogue, device)
     assert rec is not None
+
+
+def test_steps_per_epoch_caps_each_epoch_and_samples_differently(data, tmp_path):
+    full = run(config(data, tmp_path / "full", "epochs=1"))
+    history = json.loads((tmp_path / "full" / "history.json").read_text())
+    assert full["epochs"] == 1 and history[0]["step"] > 2  # the tiny dataset needs more than 2 steps per pass
+    run(config(data, tmp_path / "capped", "epochs=3", "steps_per_epoch=2"))
+    history = json.loads((tmp_path / "capped" / "history.json").read_text())
+    assert [h["step"] for h in history] == [2, 4, 6]
+    # each capped epoch takes the first steps of that epoch's own shuffled batches
+    from cobra_scale.train.trainer import epoch_batches
+    import numpy as np
+
+    cfg = config(data, tmp_path / "capped", "steps_per_epoch=2")
+    lengths = np.random.default_rng(0).integers(2, 9, size=500)
+    first = [np.sort(np.concatenate(epoch_batches(lengths, cfg, e)[:2])) for e in (1, 2)]
+    assert not np.array_equal(first[0], first[1])
+
+
+def test_steps_per_epoch_is_refused_for_the_ray_launcher(data, tmp_path):
+    from cobra_scale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_steps"):
+        config(data, tmp_path / "r", "steps_per_epoch=5", "launcher=ray")
