@@ -15,23 +15,85 @@ from torch import nn
 
 @dataclass
 class KVCache:
-    """Per-layer keys and values, each (B, H, T, dh); ``key_mask`` (B, T) True = attendable."""
+    """Per-layer keys and values, each (R, H, T, dh); ``key_mask`` (R, T) True = attendable.
+
+    With ``shared`` set, row ``r`` also attends to row ``r // group`` of ``shared`` first (its
+    keys come before this cache's own): the beams of one user share the user's history once
+    instead of each holding a copy of it (beam search appends a few tokens per beam to a
+    history of ~4 tokens per item).
+    """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     key_mask: torch.Tensor
+    shared: "KVCache | None" = None
+    group: int = 1
+
+    @property
+    def rows(self) -> int:
+        return int(self.key_mask.shape[0])
 
     def repeat_interleave(self, n: int) -> "KVCache":
-        """Each row repeated ``n`` times (row b -> rows b*n .. b*n+n-1): beams of one user."""
-        return KVCache(
-            [k.repeat_interleave(n, 0) for k in self.keys],
-            [v.repeat_interleave(n, 0) for v in self.values],
-            self.key_mask.repeat_interleave(n, 0),
-        )
+        """Each row repeated ``n`` times (row b -> rows b*n .. b*n+n-1): beams of one user.
+
+        The rows' tokens become a shared prefix; nothing is copied.
+        """
+        if self.shared is not None:
+            return KVCache([k.repeat_interleave(n, 0) for k in self.keys], [v.repeat_interleave(n, 0) for v in self.values],
+                           self.key_mask.repeat_interleave(n, 0), self.shared, self.group * n)
+        empty = [k.new_zeros(k.shape[0] * n, k.shape[1], 0, k.shape[3]) for k in self.keys]
+        return KVCache(empty, [e.clone() for e in empty], self.key_mask.new_zeros(self.rows * n, 0), self, n)
 
     def select(self, rows: torch.Tensor) -> "KVCache":
-        """Keep (and reorder) the rows ``rows`` (B',): surviving beams."""
-        return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.key_mask[rows])
+        """Keep (and reorder) the rows ``rows`` (R',): surviving beams.
+
+        With a shared prefix, every shared row must keep the same number of rows and each
+        new row must come from a row of the same shared row (beams stay with their user).
+        """
+        own = ([k[rows] for k in self.keys], [v[rows] for v in self.values], self.key_mask[rows])
+        if self.shared is None:
+            return KVCache(*own)
+        users = self.shared.rows
+        if len(rows) % users:
+            raise ValueError(f"select: {len(rows)} rows do not split evenly over {users} shared rows")
+        return KVCache(*own, self.shared, len(rows) // users)
+
+    def materialize(self) -> "KVCache":
+        """The same cache with the shared prefix copied into every row (tests, debugging)."""
+        if self.shared is None:
+            return self
+        base = self.shared.materialize()
+        idx = torch.arange(self.rows, device=self.key_mask.device) // self.group
+        return KVCache(
+            [torch.cat([bk[idx], k], dim=2) for bk, k in zip(base.keys, self.keys)],
+            [torch.cat([bv[idx], v], dim=2) for bv, v in zip(base.values, self.values)],
+            torch.cat([base.key_mask[idx], self.key_mask], dim=1),
+        )
+
+
+def _grouped_attention(q, k, v, mask, shared_k, shared_v, shared_mask, group: int) -> torch.Tensor:
+    """Attention of ``q`` (R, H, t, dh) over a shared prefix plus each row's own keys.
+
+    ``k``/``v`` (R, H, To, dh) with ``mask`` (R, 1, t, To); ``shared_k``/``shared_v``
+    (U, H, Ts, dh) with ``shared_mask`` (U, Ts), row r seeing shared row r // group
+    (R = U * group). One softmax over both parts; the prefix is never repeated.
+    """
+    r, h, t, dh = q.shape
+    u = shared_k.shape[0]
+    scale = dh**-0.5
+    own = (q @ k.transpose(-1, -2)) * scale  # (R, H, t, To)
+    own = own.masked_fill(~mask, float("-inf"))
+    qg = q.view(u, group, h, t, dh).transpose(1, 2).reshape(u, h, group * t, dh)
+    pre = (qg @ shared_k.transpose(-1, -2)) * scale  # (U, H, g*t, Ts)
+    pre = pre.masked_fill(~shared_mask[:, None, None, :], float("-inf"))
+    ts = pre.shape[-1]
+    pre = pre.view(u, h, group, t, ts).transpose(1, 2).reshape(r, h, t, ts)
+    w = torch.softmax(torch.cat([pre, own], dim=-1), dim=-1)
+    w_pre, w_own = w[..., :ts], w[..., ts:]
+    out = w_own @ v
+    w_pre = w_pre.reshape(u, group, h, t, ts).transpose(1, 2).reshape(u, h, group * t, ts)
+    out_pre = (w_pre @ shared_v).view(u, h, group, t, dh).transpose(1, 2).reshape(r, h, t, dh)
+    return out + out_pre
 
 
 class Block(nn.Module):
@@ -46,9 +108,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.attention_dropout = attention_dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None, shared=None):
         """``x`` (B, T, d); ``mask`` (B, 1, T, T_past+T) bool, True = may attend.
 
+        ``shared`` = ``(keys, values, key_mask, group)`` of a shared prefix (see :class:`KVCache`).
         Returns ``(y (B, T, d), (keys, values))`` with the keys/values of past + new tokens.
         """
         b, t, d = x.shape
@@ -57,7 +120,10 @@ class Block(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0)
+        if shared is None:
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0)
+        else:
+            att = _grouped_attention(q, k, v, mask, *shared)
         x = x + self.drop(self.out(att.transpose(1, 2).reshape(b, t, d)))
         x = x + self.drop(self.mlp(self.ln2(x)))
         return x, (k, v)
@@ -91,10 +157,14 @@ class CausalDecoder(nn.Module):
         eye = torch.zeros_like(mask)
         eye[:, torch.arange(t), tp + torch.arange(t)] = True
         mask = (mask | (eye & ~mask.any(-1, keepdim=True)))[:, None]  # (B, 1, T, Tp+T)
+        shared = cache.shared if cache is not None else None
+        if shared is not None and shared.shared is not None:
+            shared = shared.materialize()  # a prefix of a prefix: flatten it once
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             past = (cache.keys[i], cache.values[i]) if cache is not None else None
-            x, (k, v) = block(x, mask, past)
+            prefix = (shared.keys[i], shared.values[i], shared.key_mask, cache.group) if shared is not None else None
+            x, (k, v) = block(x, mask, past, prefix)
             keys.append(k)
             values.append(v)
-        return self.ln(x), KVCache(keys, values, full_keys)
+        return self.ln(x), KVCache(keys, values, full_keys, shared, cache.group if shared is not None else 1)

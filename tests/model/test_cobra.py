@@ -97,6 +97,34 @@ def test_kv_cache_step_equals_full_recompute():
     torch.testing.assert_close(h_step, h_full[:, -1], atol=1e-5, rtol=1e-5)
 
 
+def test_shared_prefix_cache_equals_a_copied_prefix_per_beam():
+    """Beams attend to their user's history through a shared prefix; same as copying it per beam."""
+    model = tiny_model()
+    tokens, mask, codes = catalogue()
+    vec = model.encode_items(tokens, mask)
+    hist = torch.tensor([[-1, -1, 0, 1], [2, 3, 4, 5], [-1, 6, 7, 8]])  # left padding differs per user
+    valid = hist >= 0
+    _, cache, pos = model.start(codes[hist.clamp(min=0)], vec[hist.clamp(min=0)], valid)
+    m = 3
+    shared = cache.repeat_interleave(m)
+    assert shared.shared is cache and shared.group == m and shared.keys[0].shape[2] == 0
+    copied = shared.materialize()
+    assert copied.shared is None and copied.keys[0].shape[0] == 3 * m
+    step_codes, pos_beam = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0]), pos.repeat_interleave(m)
+    h_shared, c_shared = model.step_code(shared, 0, step_codes, pos_beam)
+    h_copied, c_copied = model.step_code(copied, 0, step_codes, pos_beam)
+    torch.testing.assert_close(h_shared, h_copied, atol=1e-5, rtol=1e-5)
+    # beams survive in a new order and number (4 per user): rows stay with their user
+    rows = torch.tensor([2, 0, 0, 1, 5, 5, 3, 4, 8, 6, 7, 7])
+    s2, c2 = c_shared.select(rows), c_copied.select(rows)
+    assert s2.group == 4
+    h_shared, _ = model.step_code(s2, 1, step_codes[rows], pos_beam[rows], step_codes[rows])
+    h_copied, _ = model.step_code(c2, 1, step_codes[rows], pos_beam[rows], step_codes[rows])
+    torch.testing.assert_close(h_shared, h_copied, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="evenly"):
+        c_shared.select(rows[:7])
+
+
 def test_prefix_embeddings_tell_codes_apart_by_prefix_and_hash_deep_tries():
     model = tiny_model()
     # the same level-1 code under two different level-0 codes gets different logits
