@@ -10,8 +10,8 @@ Stages (each skips what is already done, so a run can span sessions; logs in <ro
     python tools/bench_recall.py eval   --root /tmp/bench/r1m --runs full noid nodense --users 20000
     python tools/bench_recall.py table  --root /tmp/bench/r1m
 
-* ``data``: ``cobra data synth`` -> ``sessionize`` -> ``split kind=time`` (train on days 1..D-1,
-  validate on day D-1... as in docs/data.md: valid = the day before the test day, test = the last day).
+* ``data``: ``cobra data synth`` -> ``sessionize`` -> ``split kind=time`` (docs/data.md): test = the
+  items of the last day (14) from the history before it, valid = those of day 13, train = days 1..12.
 * ``ids``: ``cobra ids`` with ``embed.pooling=static`` (the mean of MiniLM's input token embeddings:
   contextual MiniLM runs at ~113 items/s on these 2 cores, 2.5 h for 1M items) and residual k-means:
   3 x 32 codes, and 4 x 32 for w/o Dense (its dedup code must number an ID's items within 32).

@@ -29,27 +29,40 @@ NEG = float("-inf")
 
 
 class PrefixMasks:
-    """Which code may follow which prefix: a trie of the catalogue's IDs as dense masks.
+    """Which code may follow which prefix: a trie of the catalogue's IDs.
 
-    ``allowed[l]`` is (K**l, K) bool: row = packed prefix of l codes, column = next code.
+    Shallow levels are dense tables, ``allowed[l]`` (K**l, K) bool: row = packed prefix of l
+    codes, column = next code. Levels whose table would exceed ``dense_rows`` rows (deep tries,
+    e.g. dedup codes on a catalogue of millions) keep the sorted packed prefixes of l + 1 codes
+    that exist instead (``allowed[l]`` is then a 1-D int64 tensor) and look them up by binary
+    search; the masks are the same.
     """
 
-    def __init__(self, codes: np.ndarray, codes_per_level: int, device: torch.device | str = "cpu"):
+    def __init__(self, codes: np.ndarray, codes_per_level: int, device: torch.device | str = "cpu", dense_rows: int = 2**16):
         n, levels = codes.shape
-        if levels > 4 and codes_per_level ** (levels - 1) > 2**24:
-            raise ValueError("prefix masks would be too large; use fewer levels or codes")
+        if codes_per_level**levels >= 2**62:
+            raise ValueError(f"{levels} levels of {codes_per_level} codes overflow a packed int64 ID")
         self.levels, self.codes = levels, codes_per_level
         self.allowed = []
         prefix = np.zeros(n, dtype=np.int64)
         for level in range(levels):
-            table = torch.zeros(codes_per_level**level, codes_per_level, dtype=torch.bool)
-            table[torch.from_numpy(prefix), torch.from_numpy(codes[:, level])] = True
+            nxt = prefix * codes_per_level + codes[:, level]
+            if codes_per_level**level <= dense_rows:
+                table = torch.zeros(codes_per_level**level, codes_per_level, dtype=torch.bool)
+                table[torch.from_numpy(prefix), torch.from_numpy(codes[:, level])] = True
+            else:
+                table = torch.from_numpy(np.unique(nxt))
             self.allowed.append(table.to(device))
-            prefix = prefix * codes_per_level + codes[:, level]
+            prefix = nxt
 
     def mask(self, level: int, prefix: torch.Tensor) -> torch.Tensor:
         """(B,) packed prefixes of ``level`` codes -> (B, K) allowed next codes."""
-        return self.allowed[level][prefix]
+        table = self.allowed[level]
+        if table.dim() == 2:
+            return table[prefix]
+        want = prefix[:, None] * self.codes + torch.arange(self.codes, device=prefix.device)  # (B, K)
+        at = torch.searchsorted(table, want).clamp(max=len(table) - 1)
+        return table[at] == want
 
 
 @dataclass

@@ -92,16 +92,21 @@ def id_groups(codes: np.ndarray, codes_per_level: int, keep: np.ndarray | None =
 
 
 def add_dedup_level(codes: np.ndarray, codes_per_level: int) -> np.ndarray:
-    """Append a code that numbers the items sharing an ID (TIGER's disambiguation level).
+    """Append codes that number the items sharing an ID (TIGER's disambiguation level).
 
-    Returns (N, L+1) codes; raises if a bucket holds more than ``codes_per_level`` items.
+    The rank of an item inside its ID (catalogue order) is written in base ``codes_per_level``,
+    most significant digit first, in as many codes as the largest ID needs: one when no ID
+    holds more than ``codes_per_level`` items (TIGER's case), two up to ``codes_per_level**2``...
+    Returns (N, L + digits) codes.
     """
     order, start, _ = id_groups(codes, codes_per_level)
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order)) - start[order]
-    if rank.max(initial=0) >= codes_per_level:
-        raise DataError(f"an ID holds {rank.max() + 1} items, more than the {codes_per_level} codes of a dedup level")
-    return np.concatenate([codes, rank[:, None]], axis=1)
+    digits = 1
+    while codes_per_level**digits <= rank.max(initial=0):
+        digits += 1
+    cols = [(rank // codes_per_level ** (digits - 1 - j)) % codes_per_level for j in range(digits)]
+    return np.concatenate([codes, np.stack(cols, axis=1)], axis=1)
 
 
 def load_catalogue(items_path: str | Path, sids_path: str | Path, tokenizer, text_tokens: int, codes_per_level: int, dedup: bool = False) -> Catalogue:

@@ -167,6 +167,24 @@ def test_beam_search_yields_valid_ids_and_m1_equals_greedy():
     assert torch.all(beams.scores[:, 0] >= one.scores[:, 0] - 1e-6)
 
 
+def test_sparse_prefix_masks_equal_the_dense_tables():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, K, size=(40, 4))
+    dense = PrefixMasks(codes, K)
+    sparse = PrefixMasks(codes, K, dense_rows=1)  # every level below the first by binary search
+    assert sparse.allowed[2].dim() == 1
+    for level in range(4):
+        every = torch.arange(K**level)
+        torch.testing.assert_close(sparse.mask(level, every), dense.mask(level, every))
+    model = tiny_model(use_dense=False)
+    hist, valid = torch.tensor(codes[None, :3, :L]), torch.ones(1, 3, dtype=torch.bool)
+    beams_d = beam_search(model, hist, None, valid, PrefixMasks(codes[:, :L], K), 5, with_dense=False)
+    beams_s = beam_search(model, hist, None, valid, PrefixMasks(codes[:, :L], K, dense_rows=1), 5, with_dense=False)
+    assert torch.equal(beams_d.codes, beams_s.codes) and torch.equal(beams_d.scores, beams_s.scores)
+
+
 def test_beam_fusion_hand_computed():
     beam_scores = torch.tensor([[math.log(0.6), math.log(0.3)]])
     cos = torch.tensor([[[0.9, 0.1], [0.5, float("-inf")]]])

@@ -33,6 +33,16 @@ def test_dedup_level_numbers_the_items_of_each_id_in_catalogue_order():
     assert len({tuple(r) for r in got.tolist()}) == len(CODES)
 
 
+def test_dedup_level_takes_as_many_digits_as_the_largest_id_needs():
+    # 11 items in one ID and 2 in another, 4 codes per level: ranks 0..10 need 2 base-4 digits
+    codes = np.array([[1, 2]] * 11 + [[0, 3]] * 2)
+    got = add_dedup_level(codes, 4)
+    assert got.shape == (13, 4)
+    rank = got[:, 2] * 4 + got[:, 3]
+    assert rank[:11].tolist() == list(range(11)) and rank[11:].tolist() == [0, 1]
+    assert len({tuple(r) for r in got.tolist()}) == 13 and got.max() < 4
+
+
 def test_same_id_items_come_from_the_targets_ids_only():
     cat = catalogue(CODES)
     got = same_id_items(cat, np.array([0, 6]), 50, np.random.default_rng(0))
