@@ -49,8 +49,8 @@ KS = "[50,100,200,500,800]"
 # the model of configs/train/beauty.yaml (mean-pooled text encoder), sized for short synthetic titles
 MODEL = [
     "model.d_model=128", "model.encoder_dim=128", "model.decoder_layers=2", "model.encoder_layers=1", "model.text_tokens=24",
-    "model.text_pooling=mean", "model.max_items=21", "model.dropout=0.1", "batch_size=256", "lr=0.002", "warmup_steps=100",
-    "same_id_negatives=4", "patience=3", "inference.beams=40",
+    "model.text_pooling=mean", "model.max_items=21", "model.dropout=0.1", "batch_size=128", "lr=0.002", "warmup_steps=100",
+    "same_id_negatives=2", "patience=3", "inference.beams=40",
 ]
 RUNS = {
     "full": [],
