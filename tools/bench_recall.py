@@ -135,9 +135,9 @@ def stage_train(args, extra) -> None:
     procs = {}
     for name in args.runs:
         out = root / "runs" / name
-        if (out / "best" / "state.json").is_file():
-            print(f"train {name}: done ({out})")
-            continue
+        if (out / "checkpoints" / "last" / "state.json").is_file():
+            # the trainer resumes from its last checkpoint; with --epochs already reached it stops at once
+            print(f"train {name}: resuming from {out / 'checkpoints' / 'last'}")
         ids = root / ("ids_item" if name == "nodense" else "ids")
         cmd = cobra("train", "--data", str(root), "--ids", str(ids), "--out", str(out), "split=time", *MODEL, *RUNS[name],
                     f"epochs={args.epochs}", f"steps_per_epoch={args.steps}", f"max_minutes={args.minutes}",
