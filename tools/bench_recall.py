@@ -38,13 +38,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_distributed import ENV, ROOT, cobra  # noqa: E402  (the environment and command line of every cobra subprocess)
+
 KS = "[50,100,200,500,800]"
 # the model of configs/train/beauty.yaml (mean-pooled text encoder), sized for short synthetic titles
 MODEL = [
@@ -65,10 +61,6 @@ EVAL = {
     "nodense": ["modes=[sparse_only]", "grid_beams=[40]"],
 }
 LABEL = {"cobra": "COBRA", "no_fusion": "w/o BeamFusion", "dense_only": "w/o ID", "sparse_only": "w/o Dense"}
-
-
-def cobra(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cobra_scale.cli", *args]
 
 
 def env(threads: int | None = None) -> dict:

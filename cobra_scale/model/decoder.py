@@ -42,7 +42,7 @@ class KVCache:
             return KVCache([k.repeat_interleave(n, 0) for k in self.keys], [v.repeat_interleave(n, 0) for v in self.values],
                            self.key_mask.repeat_interleave(n, 0), self.shared, self.group * n)
         empty = [k.new_zeros(k.shape[0] * n, k.shape[1], 0, k.shape[3]) for k in self.keys]
-        return KVCache(empty, [e.clone() for e in empty], self.key_mask.new_zeros(self.rows * n, 0), self, n)
+        return KVCache(empty, list(empty), self.key_mask.new_zeros(self.rows * n, 0), self, n)
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         """Keep (and reorder) the rows ``rows`` (R',): surviving beams.
@@ -157,9 +157,7 @@ class CausalDecoder(nn.Module):
         eye = torch.zeros_like(mask)
         eye[:, torch.arange(t), tp + torch.arange(t)] = True
         mask = (mask | (eye & ~mask.any(-1, keepdim=True)))[:, None]  # (B, 1, T, Tp+T)
-        shared = cache.shared if cache is not None else None
-        if shared is not None and shared.shared is not None:
-            shared = shared.materialize()  # a prefix of a prefix: flatten it once
+        shared = cache.shared if cache is not None else None  # never nested: repeat_interleave keeps one level
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             past = (cache.keys[i], cache.values[i]) if cache is not None else None
