@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from cobra_scale.data.io import read_table
@@ -125,11 +128,70 @@ def load_catalogue(items_path: str | Path, sids_path: str | Path, tokenizer, tex
         raise DataError(f"{sids_path} has codes >= {codes_per_level}; set the model's `codes` to the quantiser's")
     if dedup:
         codes = add_dedup_level(codes, codes_per_level)
-    tokens, mask = tokenize_texts(item_texts(items), tokenizer, text_tokens)
+    tokens, mask = cached_tokenize(item_texts(items), tokenizer, text_tokens)
     return Catalogue(ids, tokens, mask, torch.from_numpy(codes), codes_per_level)
 
 
 TOKENIZE_CHUNK = 20_000
+# Catalogues at least this large keep their tokens in a cache (1M item texts take ~3 min to
+# tokenise on one core, in every train, index and eval process); smaller ones are re-tokenised.
+TOKEN_CACHE_MIN = 100_000
+
+
+def token_cache_dir() -> Path | None:
+    """``$COBRA_CACHE_DIR/tokens`` (default ``$XDG_CACHE_HOME`` or ``~/.cache``, then ``cobra_scale``);
+    None when ``COBRA_TOKEN_CACHE=0``."""
+    if os.environ.get("COBRA_TOKEN_CACHE", "1") == "0":
+        return None
+    base = os.environ.get("COBRA_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cobra_scale"
+    return Path(base) / "tokens"
+
+
+def token_cache_key(texts: list[str], tokenizer, text_tokens: int) -> str | None:
+    """A content key: the texts, the tokenizer's full definition and the length. None when the
+    tokenizer cannot describe itself (a slow tokenizer): such catalogues are not cached."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    h = hashlib.sha256()
+    h.update(f"v1|{text_tokens}|{len(texts)}|".encode())
+    h.update(backend.to_str().encode())
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        h.update("\0".join(texts[start : start + TOKENIZE_CHUNK]).encode())
+        h.update(b"\1")
+    return h.hexdigest()[:32]
+
+
+def cached_tokenize(texts: list[str], tokenizer, text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`tokenize_texts`, through a content-keyed cache of safetensors files for large catalogues.
+
+    A cache file that cannot be read is ignored (re-tokenised and rewritten); writes are atomic.
+    """
+    folder = token_cache_dir() if len(texts) >= TOKEN_CACHE_MIN else None
+    key = token_cache_key(texts, tokenizer, text_tokens) if folder is not None else None
+    if key is None:
+        return tokenize_texts(texts, tokenizer, text_tokens)
+    path = folder / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            saved = load_file(str(path))
+            tokens, mask = saved["tokens"].long(), saved["mask"].long()
+            if tokens.shape == (len(texts), text_tokens) and mask.shape == tokens.shape:
+                log.info("item tokens from the cache %s", path)
+                return tokens, mask
+            log.warning("token cache %s has the wrong shape; re-tokenising", path)
+        except Exception as err:  # a truncated or foreign file: tokenise again and overwrite it
+            log.warning("token cache %s is unreadable (%s); re-tokenising", path, err)
+    tokens, mask = tokenize_texts(texts, tokenizer, text_tokens)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"tokens": tokens.to(torch.int32), "mask": mask.to(torch.uint8)}, str(tmp))  # token ids < vocab << 2**31
+        os.replace(tmp, path)
+        log.info("item tokens cached in %s", path)
+    except OSError as err:  # a read-only or full disk costs the next process a re-tokenisation, nothing more
+        log.warning("could not write the token cache %s: %s", path, err)
+    return tokens, mask
 
 
 def tokenize_texts(texts: list[str], tokenizer, text_tokens: int, chunk: int = TOKENIZE_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
