@@ -1,7 +1,8 @@
 """``cobra eval``: evaluate a trained run with the papers' protocol, at any scale.
 
-Inference settings (tau, psi, beams) are chosen on the **validation** targets only (a grid
-over the values given), then the chosen setting of every mode is evaluated on the
+Inference settings (tau, psi, beams, normalisation) are chosen on the **validation** targets
+only (a grid over the values given, for every mode they change: cobra all four, sparse_only and
+liger the beams; a grid of one point is simply applied), then the chosen setting of every mode is evaluated on the
 requested split — without and, if asked, with the user's history items masked from the
 ranking (the papers' protocol does not mask) — in one pass over the users, together with
 the optional τ sweep (recall–diversity curve, paper Fig. 6).
@@ -32,6 +33,8 @@ from cobra_scale.train.configs import EvalConfig
 log = logging.getLogger(__name__)
 
 MODES = ("cobra", "no_fusion", "dense_only", "sparse_only", "liger")
+# the inference parameters each mode's ranking depends on (no_fusion always takes 1 beam; dense_only none)
+GRID_PARAMS = {"cobra": ("tau", "psi", "beams", "normalize"), "sparse_only": ("beams",), "liger": ("beams",)}
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -82,19 +85,23 @@ def run(cfg: EvalConfig) -> dict:
     psis = [float(p) for p in cfg.grid_psi] or [base.psi]
     beam_counts = [int(b) for b in cfg.grid_beams] or [base.beams]
     norms = [str(n) for n in cfg.grid_normalize] or [base.normalize]
-    grid = list(itertools.product(taus, psis, beam_counts, norms))
-    chosen = {m: replace(base, mode=m) for m in modes}
-    selection: list[dict] = []
-    if "cobra" in modes and len(grid) > 1:
-        settings = [Setting(f"grid|tau={t:g}|psi={p:g}|beams={b}|{n}", replace(base, mode="cobra", tau=t, psi=p, beams=b, normalize=n))
-                    for t, p, b, n in grid]
-        table = score(valid, settings, "valid grid")
+    values = {"tau": taus, "psi": psis, "beams": beam_counts, "normalize": norms}
+    chosen: dict = {}
+    selection: dict[str, list[dict]] = {}
+    for m in modes:
+        # the grid's parameters that change mode m's ranking; a single point is applied, several are chosen on valid
+        dims = GRID_PARAMS.get(m, ())
+        points = [dict(zip(dims, p)) for p in itertools.product(*(values[d] for d in dims))]
+        if len(points) <= 1:
+            chosen[m] = replace(base, mode=m, **(points[0] if points else {}))
+            continue
+        settings = [Setting(f"grid|{m}|" + "|".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()),
+                            replace(base, mode=m, **p)) for p in points]
+        table = score(valid, settings, f"valid grid ({m})")
         best = max(settings, key=lambda s: table[s.name]["metrics"][select_on])
-        chosen["cobra"] = best.params
-        selection = [{"tau": s.params.tau, "psi": s.params.psi, "beams": s.params.beams, "normalize": s.params.normalize,
-                      **table[s.name]["metrics"]} for s in settings]
-        log.info("chosen on valid (%s): tau=%s psi=%s beams=%s normalize=%s", select_on, best.params.tau, best.params.psi,
-                 best.params.beams, best.params.normalize)
+        chosen[m] = best.params
+        selection[m] = [{**dict(zip(dims, p.values())), **table[s.name]["metrics"]} for p, s in zip(points, settings)]
+        log.info("%s chosen on valid (%s): %s", m, select_on, ", ".join(f"{d}={getattr(best.params, d)}" for d in dims))
 
     settings = []
     for m in modes:
@@ -125,9 +132,9 @@ def run(cfg: EvalConfig) -> dict:
         "modes": {},
     }
     for m in modes:
-        entry = {"chosen_on_valid": {"tau": chosen[m].tau, "psi": chosen[m].psi, "beams": chosen[m].beams}}
-        if m == "cobra" and selection:
-            entry["valid_grid"] = selection
+        entry = {"chosen_on_valid": {"tau": chosen[m].tau, "psi": chosen[m].psi, "beams": chosen[m].beams, "normalize": chosen[m].normalize}}
+        if m in selection:
+            entry["valid_grid"] = selection[m]
         entry["history_not_masked"] = table[m]["metrics"]
         entry["ci"] = table[m]["ci"]
         if cfg.exclude_history:

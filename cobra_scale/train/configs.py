@@ -151,7 +151,7 @@ class EvalConfig:
     exclude_history: bool = field(False, help="also mask the user's history items (the papers' protocol does not)")
     grid_tau: list = field([], help="tau values tried on valid (empty = the run's)")
     grid_psi: list = field([], help="psi values tried on valid (empty = the run's)")
-    grid_beams: list = field([], help="beam counts tried on valid (empty = the run's)")
+    grid_beams: list = field([], help="beam counts tried on valid (empty = the run's); one value sets it (cobra, sparse_only, liger)")
     grid_normalize: list = field([], help="BeamFusion normalisations tried on valid: per_beam and/or global (empty = the run's)")
     modes: list = field(["cobra"], help="inference modes to report")
     ks: list = field([5, 10], help="cut-offs K of Recall/NDCG/diversity@K (e.g. ks=[50,100,200,500,800])")

@@ -128,3 +128,26 @@ def test_ray_path_equals_local_path(run):
     import ray
 
     assert not ray.is_initialized()  # the in-process Ray it started is shut down
+
+
+def test_grid_applies_to_every_mode_it_changes(run, tmp_path, tmp_path_factory):
+    # one value is applied as given (it used to be ignored unless the cobra grid had 2+ points)
+    out = tmp_path / "one"
+    assert main(["eval", "--run", str(run), "--out", str(out), "--max-users", "30", "modes=[cobra,no_fusion]", "grid_beams=[3]"]) == 0
+    res = json.loads((out / "eval_test.json").read_text())
+    assert res["modes"]["cobra"]["chosen_on_valid"]["beams"] == 3 and "valid_grid" not in res["modes"]["cobra"]
+    assert [p["pass"] for p in res["passes"]] == ["test"]  # nothing to choose: no validation pass
+    # sparse_only chooses its beam count on valid; the grid's tau/psi do not multiply its points
+    from tests.retrieve.fixtures import tiny_run
+
+    sparse = tiny_run(tmp_path_factory.mktemp("sp"), "model.use_dense=false", "dedup_level=true", "inference.mode=sparse_only")
+    out = tmp_path / "sparse"
+    assert main(["eval", "--run", str(sparse), "--out", str(out), "--max-users", "30", "modes=[sparse_only]", "grid_beams=[2,6]",
+                 "grid_tau=[0.5,2]", "ks=[2,6]", "select_on=recall@6"]) == 0
+    res = json.loads((out / "eval_test.json").read_text())
+    entry = res["modes"]["sparse_only"]
+    assert [g["beams"] for g in entry["valid_grid"]] == [2, 6]
+    best = max(entry["valid_grid"], key=lambda g: g["recall@6"])
+    assert entry["chosen_on_valid"]["beams"] == best["beams"]
+    assert res["passes"][0]["pass"] == "valid grid (sparse_only)"
+    assert entry["history_not_masked"]["diversity@6"] <= entry["chosen_on_valid"]["beams"]  # one item per beam
