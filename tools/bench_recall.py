@@ -20,8 +20,9 @@ Stages (each skips what is already done, so a run can span sessions; logs in <ro
   an ID). w/o BeamFusion is the full model's ``no_fusion`` mode. Each epoch is capped at ``--steps``
   steps (``steps_per_epoch``; a fresh sample of windows per epoch) and validated on ``--valid-users``.
 * ``index``: ``cobra index`` of each dense run (faiss IVF whose inverted lists are the sparse IDs).
-* ``eval``: ``cobra eval`` on the test day over a uniform sample of ``--users`` users, two Ray
-  actors, Recall/NDCG/diversity @ 50..800, settings chosen on the validation day.
+* ``eval``: ``cobra eval`` on the test day over a uniform sample of ``--users`` users (w/o Dense:
+  ``--sparse-users``, as it needs 800 beams for 800 items), Recall/NDCG/diversity @ 50..800,
+  settings chosen on the validation day.
 * ``table``: one Markdown table (and JSON) of every run's eval.
 
 Extra ``key=value`` arguments after ``--`` go to every ``cobra train`` (train) or ``cobra eval`` (eval).
@@ -58,7 +59,8 @@ EVAL = {
     "full": ["modes=[cobra,no_fusion]", "grid_tau=[0.3,1,3]", "grid_psi=[20]", "grid_beams=[40]", "grid_normalize=[per_beam,global]",
              "tau_sweep=[0.1,0.3,1,3,10]", "plots=true"],
     "noid": ["modes=[dense_only]"],
-    "nodense": ["modes=[sparse_only]", "grid_beams=[40]"],
+    # one item per beam: Recall@800 needs 800 beams (~20x the per-user cost of 40), hence its smaller sample (--sparse-users)
+    "nodense": ["modes=[sparse_only]", "grid_beams=[800]", "batch_users=50"],
 }
 LABEL = {"cobra": "COBRA", "no_fusion": "w/o BeamFusion", "dense_only": "w/o ID", "sparse_only": "w/o Dense"}
 
@@ -162,8 +164,9 @@ def stage_eval(args, extra) -> None:
             print(f"eval {name}: done ({out})")
             continue
         index = ["--index", str(run / "index")] if name != "nodense" else []
+        users = args.sparse_users if name == "nodense" else args.users
         cmd = cobra("eval", "--run", str(run), *index, "--out", str(out), "--split", "time", "--split-name", "test",
-                    "--max-users", str(args.users), "--valid-users", str(args.valid_users), "--workers", str(args.workers),
+                    "--max-users", str(users), "--valid-users", str(args.valid_users), "--workers", str(args.workers),
                     "--worker-cpus", "1", "--exclude-history", f"ks={KS}", *EVAL[name], *extra)
         wait_all({name: run_logged(cmd, root / "logs" / f"eval_{name}.log")})
 
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=150, help="train: steps per (capped) epoch")
     p.add_argument("--minutes", type=float, default=60.0, help="train: budget per run")
     p.add_argument("--valid-users", type=int, default=2000)
+    p.add_argument("--sparse-users", type=int, default=2000, help="eval: test users sampled for w/o Dense (800 beams per user)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True, help="train: the runs side by side")
     p.add_argument("--shards", type=int, default=4)
