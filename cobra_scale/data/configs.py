@@ -41,6 +41,7 @@ class SynthConfig:
     popularity_alpha: float = field(1.05, help="Zipf exponent of item popularity inside a topic")
     p_sequential: float = field(0.55, help="probability the next item follows the previous one (successor graph)")
     p_drift: float = field(0.03, help="per-event probability that a user's interests drift to a new topic")
+    line_size: int = field(0, help="items per product line (named in their titles; successors stay in the line); 0 = no lines")
     conversion_rate: float = field(0.06, help="base probability that a click converts")
     chunk_users: int = field(50_000, help="users generated at once (bounds memory)")
     overwrite: bool = field(False, help="replace the events of an earlier run in --out")
@@ -48,7 +49,7 @@ class SynthConfig:
     def __post_init__(self) -> None:
         for name in ("users", "items", "days", "chunk_users"):
             _positive(name, getattr(self, name))
-        for name in ("shards", "workers", "topics"):
+        for name in ("shards", "workers", "topics", "line_size"):
             _positive(name, getattr(self, name), allow_zero=True)
         _positive("mean_events", self.mean_events)
         for name in ("p_sequential", "p_drift", "conversion_rate"):

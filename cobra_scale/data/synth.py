@@ -8,7 +8,10 @@ The generative story (every number below is a module constant or a SynthConfig f
   Titles are drawn mostly from the topic's vocabulary (plus shared generic words as noise), so
   text carries the topic. Inside a topic, popularity is Zipf(``popularity_alpha``) over a random
   rank order; topics themselves differ in popularity. Each item has ``SUCCESSORS`` successors
-  (mostly same-topic, popularity-biased, one from a "complementary" topic).
+  (mostly same-topic, popularity-biased, one from a "complementary" topic). With ``line_size``
+  > 0 each topic is also cut into product lines of that many random items; a line's name is a
+  word of each of its titles, and the same-topic successors are the line's other items, so the
+  text predicts what follows (as a series or a brand's range does in a real shop).
 * **Users** (shard ``s`` draws from ``SeedSequence(seed, spawn_key=(1, s, chunk))``). A user has
   1-3 topics with Dirichlet weights (topics picked with popularity bias) and a heavy-tailed
   (lognormal) number of clicks with mean ``mean_events``. Click ``k+1`` is, with probability
@@ -26,7 +29,7 @@ Output layout of ``cobra data synth --out DIR``::
     DIR/items.parquet                              ITEMS_SCHEMA, item_id 0..items-1, sorted
     DIR/events/day=YYYY-MM-DD/part-SSSSS.parquet   EVENTS_SCHEMA; one file per (shard SSSSS, day),
                                                    rows sorted by (user_id, ts)
-    DIR/truth/items_truth.parquet                  item_id, topic, popularity, successors
+    DIR/truth/items_truth.parquet                  item_id, topic, popularity, successors (, line)
     DIR/config.yaml                                the resolved config
     DIR/synth_stats.json                           counts and wall time (written last: marks success)
 
@@ -124,6 +127,7 @@ class Catalog:
     slot_cdf: np.ndarray  # (M,) float64 see class doc
     topic_end: np.ndarray  # (T,) int64 one past the last slot of each topic
     topic_cdf: np.ndarray  # (T,) float64 cumulative prob that a user picks each topic
+    line: Optional[np.ndarray] = None  # (M,) int64 product line of each item (line_size > 0), else None
 
     @property
     def n_topics(self) -> int:
@@ -207,10 +211,44 @@ def build_catalog(cfg: SynthConfig) -> Catalog:
         succ[:, j] = np.where(s == items, neighbour, s)
     partner = (np.arange(t) + 1 + rng.integers(0, max(t - 1, 1), t)) % t if t > 1 else np.zeros(1, dtype=np.int64)
     succ[:, SUCCESSORS - 1] = sample_in_topic(slot_cdf, slot_item, topic_end, partner[topic], rng.random(m))
+    line = None
+    if cfg.line_size > 0:
+        line = _product_lines(cfg, topic, succ)
     return Catalog(
         topic=topic, price=price, popularity=popularity, conv_factor=conv, successors=succ,
-        slot_item=slot_item, slot_cdf=slot_cdf, topic_end=topic_end, topic_cdf=np.cumsum(topic_p),
+        slot_item=slot_item, slot_cdf=slot_cdf, topic_end=topic_end, topic_cdf=np.cumsum(topic_p), line=line,
     )  # fmt: skip
+
+
+def _product_lines(cfg: SynthConfig, topic: np.ndarray, succ: np.ndarray) -> np.ndarray:
+    """Cut every topic into product lines of ``line_size`` random items; returns each item's line.
+
+    The same-topic successors (columns 0..SUCCESSORS-2) of an item in a line of 2+ items are
+    redrawn uniformly among the other items of its line (``succ`` is changed in place), so
+    what follows an item is predictable from the line name its title carries. Its own random
+    stream: the rest of the catalogue is the same as with ``line_size=0``.
+    """
+    rng = _rng(cfg.seed, 0, 2)
+    m = len(topic)
+    order = np.lexsort((rng.random(m), topic))  # items by topic, random inside a topic
+    sorted_topic = topic[order]
+    first = np.r_[0, np.flatnonzero(sorted_topic[1:] != sorted_topic[:-1]) + 1]  # first position of each topic
+    pos = np.arange(m) - np.repeat(first, np.diff(np.r_[first, m]))  # position inside the topic
+    key = sorted_topic.astype(np.int64) * m + pos // cfg.line_size  # (topic, chunk) -> one line each
+    _, line_sorted = np.unique(key, return_inverse=True)
+    line = np.empty(m, dtype=np.int64)
+    line[order] = line_sorted
+    start = np.r_[0, np.flatnonzero(np.diff(line_sorted)) + 1]  # first position of each line in ``order``
+    size = np.diff(np.r_[start, m])
+    item_start, item_size = start[line], size[line]
+    rank = np.empty(m, dtype=np.int64)
+    rank[order] = np.arange(m) - start[line_sorted]  # position of each item inside its line
+    multi = item_size > 1
+    for j in range(SUCCESSORS - 1):
+        step = 1 + (rng.random(m) * np.maximum(item_size - 1, 1)).astype(np.int64)  # another member, never itself
+        other = order[item_start + (rank + step) % item_size]
+        succ[:, j] = np.where(multi, other, succ[:, j])
+    return line
 
 
 def _pseudo_words(rng: np.random.Generator, n: int, used: set[str]) -> list[str]:
@@ -254,12 +292,16 @@ def items_table(cfg: SynthConfig, cat: Catalog) -> pa.Table:
     has_desc = rng.random(m) < P_DESCRIPTION
     filler = rng.integers(0, len(_FILLERS), m)
     price_null = rng.random(m) < P_PRICE_NULL
+    # product lines (line_size > 0): one pseudo-word name per line, in every title of the line
+    line_names = None if cat.line is None else [w.capitalize() for w in _pseudo_words(rng, int(cat.line.max()) + 1, used)]
 
     titles, brand_col, cats, descs = [], [], [], []
     for i in range(m):
         k = int(cat.topic[i])
         brand = brands[k][brand_i[i]]
         words = [brand] if brand_in_title[i] and not brand_null[i] else []
+        if line_names is not None:
+            words.append(line_names[cat.line[i]])
         a = [(_GENERIC_ADJ[gen_adj[i, j]] if adj_generic[i, j] else adjs[k][adj_i[i, j]].capitalize()) for j in range(n_adj[i])]
         noun = nouns[k][noun_i[i, 0]]
         words += a + [noun.capitalize()]
@@ -291,14 +333,15 @@ def items_table(cfg: SynthConfig, cat: Catalog) -> pa.Table:
 def truth_table(cat: Catalog) -> pa.Table:
     """Ground truth per item (for diagnosing semantic ids): topic, prior popularity, successors."""
     m = len(cat.topic)
-    return pa.table(
-        {
-            "item_id": pa.array(np.arange(m, dtype=np.int64)),
-            "topic": pa.array(cat.topic),
-            "popularity": pa.array(cat.popularity),
-            "successors": pa.FixedSizeListArray.from_arrays(pa.array(cat.successors.ravel()), SUCCESSORS).cast(pa.list_(pa.int64())),
-        }
-    )
+    cols = {
+        "item_id": pa.array(np.arange(m, dtype=np.int64)),
+        "topic": pa.array(cat.topic),
+        "popularity": pa.array(cat.popularity),
+        "successors": pa.FixedSizeListArray.from_arrays(pa.array(cat.successors.ravel()), SUCCESSORS).cast(pa.list_(pa.int64())),
+    }
+    if cat.line is not None:
+        cols["line"] = pa.array(cat.line)
+    return pa.table(cols)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from cobra_scale.cli import main
 from cobra_scale.data import synth
 from cobra_scale.data.configs import SynthConfig
 from cobra_scale.data.schemas import EVENTS_SCHEMA, ITEMS_SCHEMA, SECONDS_PER_DAY, day_of, day_start
+from cobra_scale.errors import ConfigError
 
 SMALL = dict(users=2000, items=300, days=3, shards=2, workers=1, seed=7, chunk_users=700)
 
@@ -230,3 +231,43 @@ def test_cli_bad_input(tmp_path, capsys, bad):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
     assert not (tmp_path / "events").exists()
+
+
+# ---------------------------------------------------------------------------- product lines
+
+
+def test_product_lines_name_titles_and_hold_successors(synth_cfg):
+    cfg = dataclasses.replace(synth_cfg, line_size=5)
+    plain, cat = synth.build_catalog(synth_cfg), synth.build_catalog(cfg)
+    # the lines draw from their own stream: topics, popularity and the complementary successor are unchanged
+    assert np.array_equal(plain.topic, cat.topic) and np.array_equal(plain.popularity, cat.popularity)
+    assert np.array_equal(plain.successors[:, -1], cat.successors[:, -1]) and plain.line is None
+    line = cat.line
+    sizes = np.bincount(line)
+    assert sizes.max() == 5 and sizes.min() >= 1
+    # a line never crosses topics; every topic is cut into ceil(size / 5) lines
+    assert all(len(set(cat.topic[line == k])) == 1 for k in range(0, len(sizes), 7))
+    assert len(sizes) == int(np.ceil(np.bincount(cat.topic) / 5).sum())
+    same = cat.successors[:, :-1]
+    multi = sizes[line] > 1
+    assert (line[same[multi]] == line[multi, None]).all()  # same-topic successors are the line's other items
+    assert (same[multi] != np.arange(len(line))[multi, None]).all()  # never the item itself
+    assert np.array_equal(same[~multi], plain.successors[~multi, :-1])  # singleton lines keep their topic successors
+    # each title is the line-less title with one word added: the line's name, shared by the line only
+    plain_titles = synth.items_table(synth_cfg, plain).column("title").to_pylist()
+    titles = synth.items_table(cfg, cat).column("title").to_pylist()
+    name = {}
+    for i, (a, b) in enumerate(zip(plain_titles, titles)):
+        words = b.split()
+        extra = [w for j, w in enumerate(words) if words[:j] + words[j + 1 :] == a.split()]
+        assert extra, (a, b)
+        name.setdefault(int(line[i]), set(extra))
+        name[int(line[i])] &= set(extra)
+    assert all(name.values())  # one name common to every item of a line
+    firsts = [sorted(v)[0] for v in name.values()]
+    assert len(set(firsts)) == len(firsts)  # and different lines have different names
+
+
+def test_line_size_must_not_be_negative(tmp_path):
+    with pytest.raises(ConfigError, match="line_size"):
+        SynthConfig(out=str(tmp_path), line_size=-1)
