@@ -25,7 +25,8 @@ Stages (each skips what is already done, so a run can span sessions; logs in <ro
   settings chosen on the validation day.
 * ``table``: one Markdown table (and JSON) of every run's eval.
 
-Extra ``key=value`` arguments after ``--`` go to every ``cobra train`` (train) or ``cobra eval`` (eval).
+Extra ``key=value`` arguments after ``--`` go to ``cobra data synth`` (data, e.g. ``line_size=8``), every
+``cobra train`` (train) or ``cobra eval`` (eval).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def stage_data(args, extra) -> None:
         return
     steps = [
         ("synth", cobra("data", "synth", "--users", str(args.users), "--items", str(args.items), "--days", str(args.days),
-                        "--out", str(root / "raw"), "overwrite=true", f"seed={args.seed}")),
+                        "--out", str(root / "raw"), "overwrite=true", f"seed={args.seed}", *extra)),
         ("sessionize", cobra("data", "sessionize", "--events", str(root / "raw" / "events"), "--items", str(root / "raw" / "items.parquet"),
                              "--out", str(root / "sequences"))),
         ("split", cobra("data", "split", "--sequences", str(root / "sequences"), "--out", str(root / "splits" / "time"), "kind=time")),
