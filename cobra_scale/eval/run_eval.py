@@ -100,7 +100,7 @@ def run(cfg: EvalConfig) -> dict:
         table = score(valid, settings, f"valid grid ({m})")
         best = max(settings, key=lambda s: table[s.name]["metrics"][select_on])
         chosen[m] = best.params
-        selection[m] = [{**dict(zip(dims, p.values())), **table[s.name]["metrics"]} for p, s in zip(points, settings)]
+        selection[m] = [{**p, **table[s.name]["metrics"]} for p, s in zip(points, settings)]
         log.info("%s chosen on valid (%s): %s", m, select_on, ", ".join(f"{d}={getattr(best.params, d)}" for d in dims))
 
     settings = []
