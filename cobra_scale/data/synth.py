@@ -232,13 +232,12 @@ def _product_lines(cfg: SynthConfig, topic: np.ndarray, succ: np.ndarray) -> np.
     m = len(topic)
     order = np.lexsort((rng.random(m), topic))  # items by topic, random inside a topic
     sorted_topic = topic[order]
-    first = np.r_[0, np.flatnonzero(sorted_topic[1:] != sorted_topic[:-1]) + 1]  # first position of each topic
-    pos = np.arange(m) - np.repeat(first, np.diff(np.r_[first, m]))  # position inside the topic
+    pos = np.arange(m) - np.searchsorted(sorted_topic, sorted_topic)  # position inside the topic
     key = sorted_topic.astype(np.int64) * m + pos // cfg.line_size  # (topic, chunk) -> one line each
     _, line_sorted = np.unique(key, return_inverse=True)
     line = np.empty(m, dtype=np.int64)
     line[order] = line_sorted
-    start = np.r_[0, np.flatnonzero(np.diff(line_sorted)) + 1]  # first position of each line in ``order``
+    start = np.searchsorted(line_sorted, np.arange(line_sorted[-1] + 1))  # first position of each line in ``order``
     size = np.diff(np.r_[start, m])
     item_start, item_size = start[line], size[line]
     rank = np.empty(m, dtype=np.int64)
