@@ -51,12 +51,19 @@ class Losses:
     item_vectors: torch.Tensor | None = None  # (U, d) the batch's encoded items, detached (for a negatives bank)
 
 
-def dense_contrastive_loss(pred, keys, positives, temperature, query_item_ids, key_item_ids, impl: str = "auto"):
+def dense_contrastive_loss(pred, keys, positives, temperature, query_item_ids, key_item_ids, impl: str = "auto", scope: str = "local"):
     """The dense loss: in-batch softmax over cosine similarity (one routed function).
 
     ``pred`` (P, d), ``keys`` (U, d), ``positives`` (P,) -> mean loss. Routed through the
-    kernel dispatcher of ``cobra_kernels`` (reference / tiled / Triton).
+    kernel dispatcher of ``cobra_kernels`` (reference / tiled / Triton). ``scope="global"``
+    scores the queries against the keys of every data-parallel rank (``torch.distributed``
+    all-gather, gradients back to their owners), so that W ranks of batch B/W train the
+    in-batch softmax of one batch B; without a process group it is the local loss.
     """
+    if scope == "global":
+        from cobra_kernels.distributed import global_cosine_contrastive_loss
+
+        return global_cosine_contrastive_loss(pred, keys, positives, temperature, query_item_ids, key_item_ids, impl=impl)
     from cobra_kernels import cosine_contrastive_loss
 
     return cosine_contrastive_loss(pred, keys, positives, temperature, query_item_ids, key_item_ids, impl=impl)
@@ -112,6 +119,7 @@ class CobraModel(nn.Module):
         self.dense_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         self.temp = Temperature(cfg.temperature, cfg.learn_temperature)
         self.dense_loss_impl = "auto"
+        self.dense_loss_scope = "local"  # "global": in-batch negatives from every data-parallel rank (set by the trainer)
 
     # ------------------------------------------------------------------ building blocks
 
@@ -233,7 +241,8 @@ class CobraModel(nn.Module):
         if cfg.use_dense:
             pred = self.dense_head(pred_in[:, T - 1])  # (P, d)
             dense = dense_contrastive_loss(
-                pred, vectors, target_items, self.temperature, batch.item_ids[target_items], batch.item_ids, impl=self.dense_loss_impl
+                pred, vectors, target_items, self.temperature, batch.item_ids[target_items], batch.item_ids,
+                impl=self.dense_loss_impl, scope=self.dense_loss_scope,
             )
             if bank_keys is not None:
                 targets = batch.item_ids[target_items]

@@ -48,6 +48,10 @@ class DistributedConfig:
     data_memory_mb: int = field(0, help="object-store budget of the Ray Data input pipeline in MB (0 = Ray's default share); bounds the blocks read ahead")
     log_every_steps: int = field(10, help="progress line + TensorBoard scalars every N optimiser steps")
     max_steps: int = field(0, help="stop after this many optimiser steps (0 = run the epochs); benchmarks and tests")
+    global_negatives: bool = field(
+        True, help="dense loss: score each rank's predictions against the batch items of every rank (all-gather), as the local "
+        "trainer does for the whole batch; false = each rank's own micro-batch only",
+    )
 
     def __post_init__(self) -> None:
         if self.workers <= 0 or self.grad_accum <= 0:

@@ -340,6 +340,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = CobraModel(cfg.model)
     model.dense_loss_impl = cfg.dense_loss_impl
+    model.dense_loss_scope = "global" if dcfg.global_negatives else "local"
     if cfg.init_embeddings:
         init_token_embeddings(model)
     model.to(device)
