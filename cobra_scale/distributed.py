@@ -16,10 +16,13 @@ log = logging.getLogger(__name__)
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any):
+def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False, **kwargs: Any):
     """Start an in-process Ray bound to 127.0.0.1, or join ``address`` / ``$RAY_ADDRESS``.
 
-    Returns the ``ray`` module. Idempotent: an already initialised Ray is reused.
+    ``dashboard`` starts the in-process Ray's dashboard on 127.0.0.1: it serves the state
+    API, which Ray Train's placement-group cleaner polls every few seconds (without it the
+    cleaner cannot work and logs a warning each time). Returns the ``ray`` module.
+    Idempotent: an already initialised Ray is reused.
     """
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
@@ -36,6 +39,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         # CPU actors on a 2-core machine (see docs/operations.md).
         cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
         log.info("starting in-process Ray on 127.0.0.1 with %d logical CPUs", cpus)
-        options = {"include_dashboard": False, "configure_logging": False, "log_to_driver": False, **kwargs}
+        options = {"include_dashboard": dashboard, "configure_logging": False, "log_to_driver": False, **kwargs}
+        if dashboard:
+            options.setdefault("dashboard_host", "127.0.0.1")
         ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", **options)
     return ray

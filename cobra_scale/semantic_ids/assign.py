@@ -27,6 +27,7 @@ import pyarrow as pa
 from cobra_scale.config import save_config
 from cobra_scale.data.io import read_table, write_table
 from cobra_scale.errors import CobraError, DataError
+from cobra_scale.semantic_ids.behaviour import join
 from cobra_scale.semantic_ids.configs import EmbedConfig, IdsConfig, QuantizerConfig
 from cobra_scale.semantic_ids.diagnostics import bucket_histogram, diagnose, format_report, pack_codes
 
@@ -55,8 +56,9 @@ def sids_table(item_ids: np.ndarray, codes: np.ndarray, codes_per_level: int) ->
 class Quantizer:
     """A fitted quantiser of either kind: ``encode`` (N, D) -> codes (N, L), ``decode`` back."""
 
-    def __init__(self, kind: str, impl: Any, qcfg: QuantizerConfig, input_dim: int, device: str = "cpu"):
+    def __init__(self, kind: str, impl: Any, qcfg: QuantizerConfig, input_dim: int, device: str = "cpu", behaviour: dict | None = None):
         self.kind, self.impl, self.cfg, self.input_dim, self.device = kind, impl, qcfg, input_dim, device
+        self.behaviour = behaviour  # {"dim", "weight", ...} when the input is [text, behaviour] (behaviour.py)
 
     def encode(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(codes (N, L) int64, reconstructions (N, D) float32)``."""
@@ -84,6 +86,7 @@ class Quantizer:
             "input_dim": self.input_dim,
             "quantizer": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.cfg.__dict__.items()},
             "embed": {k: v for k, v in embed.__dict__.items() if k != "cache"},
+            "behaviour": self.behaviour,
             "fit": report,
         }
         (folder / QUANTIZER_JSON).write_text(json.dumps(meta, indent=2))
@@ -118,7 +121,7 @@ class Quantizer:
 
             impl = ResidualKMeans(qcfg.levels, qcfg.codes, qcfg.kmeans_iters, qcfg.seed, qcfg.balance)
             impl.centroids = tensors["centroids"]
-        return cls(meta["kind"], impl, qcfg, meta["input_dim"], device), embed
+        return cls(meta["kind"], impl, qcfg, meta["input_dim"], device, meta.get("behaviour")), embed
 
 
 def fit_quantizer(vectors: np.ndarray, qcfg: QuantizerConfig) -> tuple[Quantizer, np.ndarray, np.ndarray, dict]:
@@ -170,6 +173,23 @@ def load_items(path: str) -> pa.Table:
     return items
 
 
+def _behaviour_input(cfg: IdsConfig, quantizer: Quantizer | None, item_ids: np.ndarray, timings: dict) -> dict | None:
+    """The behaviour part of the quantiser's input, if any: fitted from ``behaviour.sequences``,
+    or zeros of the saved quantiser's size when assigning new items with it."""
+    if quantizer is not None:
+        saved = quantizer.behaviour
+        return None if not saved else {"vectors": None, "weight": float(saved["weight"]), "dim": int(saved["dim"])}
+    bcfg = cfg.behaviour
+    if not bcfg.sequences or bcfg.weight == 0:
+        return None
+    from cobra_scale.semantic_ids.behaviour import behaviour_vectors
+
+    t0 = time.perf_counter()
+    vectors, report = behaviour_vectors(bcfg.sequences, item_ids, bcfg.dim, bcfg.window, cfg.quantizer.seed)
+    timings["behaviour_seconds"] = round(time.perf_counter() - t0, 2)
+    return {"vectors": vectors, "weight": bcfg.weight, "dim": bcfg.dim, "report": {**report, "weight": bcfg.weight}}
+
+
 def run(cfg: IdsConfig) -> dict:
     from cobra_scale.semantic_ids.embed import embed_items
 
@@ -189,9 +209,14 @@ def run(cfg: IdsConfig) -> dict:
     timings["items_embedded"] = n_embedded  # the rest came from the cache
     if n_embedded:
         timings["embedded_items_per_second"] = round(n_embedded / max(timings["embed_seconds"], 1e-9), 1)
+    behaviour = _behaviour_input(cfg, quantizer, item_ids, timings)
+    if behaviour is not None:
+        vectors = join(vectors, behaviour["vectors"], behaviour["weight"], behaviour["dim"])
     qcfg = cfg.quantizer
     if quantizer is None:
         quantizer, codes, recon, fit_report = fit_quantizer(vectors, qcfg)
+        if behaviour is not None:
+            quantizer.behaviour = behaviour["report"]
         quantizer.save(out / "quantizer", EmbedConfig(**{**embed_cfg.__dict__}), fit_report)
         timings["fit_seconds"] = fit_report["fit_seconds"]
     else:

@@ -71,6 +71,22 @@ class QuantizerConfig:
 
 
 @dataclass
+class BehaviourConfig:
+    """Optional behaviour part of the quantiser's input (co-occurrences in the training sequences)."""
+
+    sequences: Optional[str] = field(None, help="training sequences (Parquet with item_ids, e.g. data/beauty/splits/loo/train; never the split holding test targets); None = text only (the paper)")
+    dim: int = field(64, help="behaviour vector size (truncated SVD of the items' PPMI co-occurrence matrix)")
+    window: int = field(3, help="items at most this many steps apart in a sequence co-occur")
+    weight: float = field(1.0, help="norm of the behaviour part next to the unit text embedding (0 = text only)")
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0 or self.window <= 0:
+            raise ConfigError("behaviour.dim and behaviour.window must be > 0")
+        if self.weight < 0:
+            raise ConfigError("behaviour.weight must be >= 0")
+
+
+@dataclass
 class IdsConfig:
     """``cobra ids``: item text -> embeddings -> residual quantiser -> sparse semantic IDs."""
 
@@ -79,3 +95,8 @@ class IdsConfig:
     quantizer_dir: Optional[str] = field(None, help="assign with a saved quantiser (cold start) instead of fitting one")
     embed: EmbedConfig = dc_field(default_factory=EmbedConfig)
     quantizer: QuantizerConfig = dc_field(default_factory=QuantizerConfig)
+    behaviour: BehaviourConfig = dc_field(default_factory=BehaviourConfig)
+
+    def __post_init__(self) -> None:
+        if self.quantizer_dir and self.behaviour.sequences:
+            raise ConfigError("behaviour.sequences is for fitting a quantiser; with quantizer_dir new items join zeros (no interactions yet)")

@@ -144,7 +144,7 @@ def run(cfg: TrainConfig) -> dict:
         users, windows, dcfg.workers, micro, dcfg.grad_accum, cfg.batch_size, steps_per_epoch, zero_stage(ds_config),
     )
 
-    ray = init_ray(dcfg.address, log_to_driver=True)
+    ray = init_ray(dcfg.address, log_to_driver=True, dashboard=True)  # the state API, for Ray Train's placement-group cleaner
     from ray.data import DataContext, ExecutionOptions, ExecutionResources
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

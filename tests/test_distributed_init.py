@@ -1,0 +1,39 @@
+"""``init_ray(dashboard=True)``: the in-process Ray serves its own state API on 127.0.0.1.
+
+Ray Train's placement-group cleaner polls the state API to see whether the run's controller
+is alive. Without a dashboard the state client falls back to http://127.0.0.1:8265, which
+can be *another* Ray's dashboard on the same machine: that one does not know the
+controller, and the cleaner then removes the live run's placement group (seen here in
+session 8: a Beauty training killed at step 20 by a second Ray started beside it). The
+training launcher starts its Ray with the dashboard for this reason.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+CHILD = r"""
+import json, sys
+from cobra_scale.distributed import init_ray
+ray = init_ray(num_cpus=1, dashboard=True)
+from ray.util.state import list_actors
+import ray._private.worker as worker
+@ray.remote(num_cpus=0)
+class Probe:
+    def ping(self):
+        return 1
+probe = Probe.remote()
+ray.get(probe.ping.remote())
+actors = list_actors(timeout=30)  # no address: resolved from this Ray, as the cleaner does
+print(json.dumps({"webui": worker.global_worker.node.address_info.get("webui_url"), "actors": [a.class_name for a in actors]}))
+"""
+
+
+def test_dashboard_serves_this_rays_state_api_on_loopback():
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["webui"].startswith("127.0.0.1:")
+    assert "Probe" in result["actors"]
