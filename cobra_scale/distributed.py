@@ -41,6 +41,20 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
         log.info("starting in-process Ray on 127.0.0.1 with %d logical CPUs", cpus)
         options = {"include_dashboard": dashboard, "configure_logging": False, "log_to_driver": False, **kwargs}
         if dashboard:
-            options.setdefault("dashboard_host", "127.0.0.1")
+            # Ray's state client, in every worker of this Ray, finds the API server through
+            # RAY_API_SERVER_ADDRESS before anything else; without it, it auto-detects "the"
+            # local Ray and fails (or, worse, reaches another Ray's dashboard) when several
+            # run on one machine. The node processes inherit this environment.
+            port = int(options.pop("dashboard_port", 0) or _free_loopback_port())
+            options.update(dashboard_host="127.0.0.1", dashboard_port=port)
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", **options)
     return ray
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -14,26 +14,39 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, sys
+import json
 from cobra_scale.distributed import init_ray
 ray = init_ray(num_cpus=1, dashboard=True)
-from ray.util.state import list_actors
 import ray._private.worker as worker
 @ray.remote(num_cpus=0)
 class Probe:
-    def ping(self):
-        return 1
-probe = Probe.remote()
-ray.get(probe.ping.remote())
-actors = list_actors(timeout=30)  # no address: resolved from this Ray, as the cleaner does
-print(json.dumps({"webui": worker.global_worker.node.address_info.get("webui_url"), "actors": [a.class_name for a in actors]}))
+    def actors(self):  # from inside a Ray worker, with no address: how the cleaner resolves the state API
+        from ray.util.state import list_actors
+        return [a.class_name for a in list_actors(timeout=30)]
+print(json.dumps({"webui": worker.global_worker.node.address_info.get("webui_url"), "actors": ray.get(Probe.remote().actors.remote())}))
 """
 
 
-def test_dashboard_serves_this_rays_state_api_on_loopback():
+DECOY = r"""
+import sys, time
+from cobra_scale.distributed import init_ray
+init_ray(num_cpus=1, dashboard=True)
+print("up", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_dashboard_serves_this_rays_state_api_on_loopback_beside_another_ray():
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300, env=env)
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    decoy = subprocess.Popen([sys.executable, "-c", DECOY], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert decoy.stdout.readline().strip() == "up"  # a second Ray with its own dashboard runs on this machine
+        done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        decoy.stdin.close()
+        decoy.wait(timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["webui"].startswith("127.0.0.1:")
-    assert "Probe" in result["actors"]
+    assert result["actors"].count("Probe") == 1  # this Ray's actors, not the other's
