@@ -34,3 +34,14 @@ def test_print_config(capsys):
     assert main(["data", "split", "--sequences", "s", "--out", "o", "--print-config", "kind=time"]) == 0
     out = capsys.readouterr().out
     assert "kind: time" in out and "max_history: 20" in out
+
+
+def test_overrides_may_sit_between_flags(capsys):
+    assert main(["ids", "--items", "i.parquet", "quantizer.codes=4", "--out", "o", "behaviour.dim=8", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "codes: 4" in out and "dim: 8" in out
+    try:
+        main(["ids", "--items", "i.parquet", "--out", "o", "--no-such-flag"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

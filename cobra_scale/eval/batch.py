@@ -18,11 +18,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from cobra_scale.errors import DataError
 from cobra_scale.eval.metrics import UserMeans, user_metrics
 from cobra_scale.retrieve.recommender import InferenceParams, Recommender
 
@@ -54,7 +56,7 @@ class SettingsResult:
 def score_batch(rec: Recommender, history: torch.Tensor, targets: list[np.ndarray], settings: list[Setting], ks: tuple[int, ...], device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Per-user metric columns ``{"<setting>/<metric>": (B,)}`` plus ``has_target`` (B,)."""
     kmax = max(ks)
-    sids = rec.sids.cpu().numpy()
+    sids = rec.diversity_sids if getattr(rec, "diversity_sids", None) is not None else rec.sids.cpu().numpy()
     out: dict[str, np.ndarray] = {}
     history = history.to(device)
     has = None
@@ -65,6 +67,30 @@ def score_batch(rec: Recommender, history: torch.Tensor, targets: list[np.ndarra
             out[f"{s.name}/{metric}"] = v
     out["has_target"] = has if has is not None else np.array([len(t) > 0 for t in targets])
     return out
+
+
+def diversity_sids(path: str | Path, item_ids: np.ndarray) -> np.ndarray:
+    """(N,) int64 sid of each catalogue item (``item_ids``, sorted) from a ``sids.parquet`` or a
+    `cobra ids` folder: the IDs that diversity@K counts (``diversity_ids``)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "sids.parquet"
+    if not path.is_file():
+        raise DataError(f"diversity_ids: {path} not found (a sids.parquet of `cobra ids`, or its folder)")
+    table = pq.read_table(path)
+    if not {"item_id", "sid"} <= set(table.column_names):
+        raise DataError(f"diversity_ids: {path} has no item_id/sid columns (is it the sids.parquet of `cobra ids`?)")
+    ids = table.column("item_id").to_numpy()
+    sids = table.column("sid").to_numpy().astype(np.int64)
+    order = np.argsort(ids)
+    ids, sids = ids[order], sids[order]
+    at = np.searchsorted(ids, item_ids).clip(max=max(len(ids) - 1, 0))
+    found = (ids[at] == item_ids) if len(ids) else np.zeros(len(item_ids), dtype=bool)
+    if not found.all():
+        raise DataError(f"diversity_ids: {int((~found).sum())} catalogue item(s) have no ID in {path}, e.g. {int(item_ids[~found][0])}")
+    return sids[at]
 
 
 def _accumulate(result: dict[str, UserMeans], columns: dict[str, np.ndarray]) -> None:
@@ -119,12 +145,15 @@ def unpack_users(rows: np.ndarray, history_len: int) -> tuple[torch.Tensor, list
 class RecommenderActor:
     """A Ray Data actor: opens the run (and its index) once, then scores batches of users."""
 
-    def __init__(self, run: str, index: str | None, device: str, settings: list[tuple[str, dict]], ks: tuple[int, ...], history_len: int, threads: int):
+    def __init__(self, run: str, index: str | None, device: str, settings: list[tuple[str, dict]], ks: tuple[int, ...], history_len: int, threads: int,
+                 diversity_ids: str | None = None):
         from cobra_scale.retrieve.build import load_recommender
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.rec, _, _, self.device = load_recommender(run, index, device)
+        self.rec, catalogue, _, self.device = load_recommender(run, index, device)
+        if diversity_ids:
+            self.rec.diversity_sids = diversity_sids(diversity_ids, catalogue.item_ids)
         self.settings = [Setting(name, InferenceParams(**p)) for name, p in settings]
         self.ks, self.history_len = tuple(ks), history_len
 
@@ -147,6 +176,7 @@ def evaluate_ray(
     device: str = "auto",
     address: str | None = None,
     progress: bool = True,
+    diversity_ids: str | None = None,
 ) -> SettingsResult:
     """Score every setting on every user with a Ray Data pool of ``workers`` actors."""
     from cobra_scale.distributed import init_ray
@@ -171,6 +201,7 @@ def evaluate_ray(
                 "ks": tuple(ks),
                 "history_len": history.shape[1],
                 "threads": threads,
+                "diversity_ids": str(diversity_ids) if diversity_ids else None,
             },
             batch_size=batch_users,
             batch_format="numpy",

@@ -38,7 +38,7 @@ GRID_PARAMS = {"cobra": ("tau", "psi", "beams", "normalize"), "sparse_only": ("b
 
 
 def run(cfg: EvalConfig) -> dict:
-    from cobra_scale.eval.batch import Setting, evaluate_local, evaluate_ray
+    from cobra_scale.eval.batch import Setting, diversity_sids, evaluate_local, evaluate_ray
     from cobra_scale.retrieve.build import load_recommender
     from cobra_scale.train.data import load_examples
     from cobra_scale.train.trainer import inference_params
@@ -53,6 +53,8 @@ def run(cfg: EvalConfig) -> dict:
     if bad:
         raise ConfigError(f"unknown mode(s) {bad}")
     rec, catalogue, tcfg, device = load_recommender(cfg.run, cfg.index, cfg.device)
+    if cfg.diversity_ids:
+        rec.diversity_sids = diversity_sids(cfg.diversity_ids, catalogue.item_ids)
     if "sparse_only" in modes and rec.sid_to_item is None:
         raise ConfigError("mode sparse_only needs a run trained w/o Dense on item-unique IDs (model.use_dense=false dedup_level=true)")
     if rec.index is None and any(m != "sparse_only" for m in modes):
@@ -70,7 +72,7 @@ def run(cfg: EvalConfig) -> dict:
     def score(users, settings, label):
         if cfg.workers > 0:
             res = evaluate_ray(cfg.run, cfg.index, users.history, users.targets, settings, ks, cfg.batch_users, cfg.workers,
-                               cfg.worker_cpus, cfg.worker_gpus, cfg.device, cfg.ray_address)
+                               cfg.worker_cpus, cfg.worker_gpus, cfg.device, cfg.ray_address, diversity_ids=cfg.diversity_ids)
         else:
             res = evaluate_local(rec, users.history, users.targets, settings, ks, cfg.batch_users, device)
         passes.append({"pass": label, "users": res.users, "settings": len(settings), "seconds": round(res.seconds, 2),
@@ -118,6 +120,7 @@ def run(cfg: EvalConfig) -> dict:
         "split": str(split_dir),
         "split_name": cfg.split_name,
         "index": cfg.index,
+        "diversity_ids": cfg.diversity_ids,
         "users": len(target.targets),
         "population": len(target_all.targets),
         "valid_grid_users": len(valid.targets),

@@ -64,6 +64,7 @@ class Recommender:
         for level in range(item_codes.shape[1]):
             sids = sids * k + item_codes[:, level]
         self.sids = sids
+        self.diversity_sids = None  # (N,) int64 numpy array: the IDs diversity@K counts, when not these (eval's diversity_ids)
         self.masks = PrefixMasks(item_codes.numpy(), k) if model.cfg.use_sparse else None
         if index is None and item_vectors is not None:
             index = ExactIdIndex(item_vectors, sids)

@@ -170,6 +170,10 @@ class EvalConfig:
     seed: int = field(0, help="seed of the uniform user sample (max_users)")
     confidence: float = field(0.95, help="level of the reported confidence intervals (normal approximation over users)")
     tau_sweep: list = field([], help="tau values of the recall-diversity curve (cobra mode; PNG + JSON), e.g. tau_sweep=[0.1,0.3,1,3,10]")
+    diversity_ids: Optional[str] = field(
+        None, help="sids.parquet (or a `cobra ids` folder) whose IDs diversity@K counts (default: the run's own); e.g. the 3x32 IDs "
+        "for a w/o-Dense run on item-level IDs, so that models on different IDs are compared on one scale",
+    )
     plots: bool = field(False, help="also draw the item-embedding figures (intra/inter-ID cosine heatmap, 2-D map by ID)")
     plot_ids: int = field(16, help="embedding plots: the largest IDs drawn")
     plot_items: int = field(1500, help="embedding plots: items sampled for the 2-D map")

@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from cobra_scale.cli import main
@@ -151,3 +152,26 @@ def test_grid_applies_to_every_mode_it_changes(run, tmp_path, tmp_path_factory):
     assert entry["chosen_on_valid"]["beams"] == best["beams"]
     assert res["passes"][0]["pass"] == "valid grid (sparse_only)"
     assert entry["history_not_masked"]["diversity@6"] <= entry["chosen_on_valid"]["beams"]  # one item per beam
+
+
+def test_diversity_ids_count_another_id_table(run, tmp_path, capsys):
+    """diversity@K counts the IDs of ``diversity_ids`` when given: one ID for every item gives 1."""
+    from cobra_scale.data.io import write_table
+    from cobra_scale.retrieve.build import load_recommender
+
+    _, catalogue, _, _ = load_recommender(run)
+    one = pa.table({"item_id": pa.array(catalogue.item_ids, pa.int64()), "sid": pa.array(np.zeros(len(catalogue), np.int64))})
+    write_table(one, tmp_path / "one" / "sids.parquet")
+    args = ["eval", "--run", str(run), "--split-name", "valid", "--max-users", "40"]
+    assert main([*args, "--out", str(tmp_path / "own"), "ks=[5,10]"]) == 0
+    assert main([*args, "--out", str(tmp_path / "flat"), "ks=[5,10]", f"diversity_ids={tmp_path / 'one'}"]) == 0
+    own = json.loads((tmp_path / "own" / "eval_valid.json").read_text())["modes"]["cobra"]["history_not_masked"]
+    flat = json.loads((tmp_path / "flat" / "eval_valid.json").read_text())
+    assert flat["diversity_ids"] == str(tmp_path / "one")
+    flat = flat["modes"]["cobra"]["history_not_masked"]
+    assert flat["diversity@10"] == 1.0 < own["diversity@10"]
+    assert flat["recall@10"] == own["recall@10"]  # only the count changes
+    write_table(one.slice(1), tmp_path / "short" / "sids.parquet")
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "bad"), "ks=[5,10]", f"diversity_ids={tmp_path / 'short'}"]) == 2
+    assert "have no ID" in capsys.readouterr().err
