@@ -56,7 +56,7 @@ class SettingsResult:
 def score_batch(rec: Recommender, history: torch.Tensor, targets: list[np.ndarray], settings: list[Setting], ks: tuple[int, ...], device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Per-user metric columns ``{"<setting>/<metric>": (B,)}`` plus ``has_target`` (B,)."""
     kmax = max(ks)
-    sids = rec.diversity_sids if getattr(rec, "diversity_sids", None) is not None else rec.sids.cpu().numpy()
+    sids = rec.diversity_sids if rec.diversity_sids is not None else rec.sids.cpu().numpy()
     out: dict[str, np.ndarray] = {}
     history = history.to(device)
     has = None
