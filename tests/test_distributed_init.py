@@ -13,6 +13,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.integration  # starts two Rays (~40 s)
+
 CHILD = r"""
 import json
 from cobra_scale.distributed import init_ray
