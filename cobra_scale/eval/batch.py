@@ -72,24 +72,24 @@ def score_batch(rec: Recommender, history: torch.Tensor, targets: list[np.ndarra
 def diversity_sids(path: str | Path, item_ids: np.ndarray) -> np.ndarray:
     """(N,) int64 sid of each catalogue item (``item_ids``, sorted) from a ``sids.parquet`` or a
     `cobra ids` folder: the IDs that diversity@K counts (``diversity_ids``)."""
-    import pyarrow.parquet as pq
+    from cobra_scale.data.io import read_table
 
     path = Path(path)
     if path.is_dir():
         path = path / "sids.parquet"
     if not path.is_file():
         raise DataError(f"diversity_ids: {path} not found (a sids.parquet of `cobra ids`, or its folder)")
-    table = pq.read_table(path)
+    table = read_table(path)
     if not {"item_id", "sid"} <= set(table.column_names):
         raise DataError(f"diversity_ids: {path} has no item_id/sid columns (is it the sids.parquet of `cobra ids`?)")
-    ids = table.column("item_id").to_numpy()
-    sids = table.column("sid").to_numpy().astype(np.int64)
-    order = np.argsort(ids)
-    ids, sids = ids[order], sids[order]
-    at = np.searchsorted(ids, item_ids).clip(max=max(len(ids) - 1, 0))
-    found = (ids[at] == item_ids) if len(ids) else np.zeros(len(item_ids), dtype=bool)
-    if not found.all():
-        raise DataError(f"diversity_ids: {int((~found).sum())} catalogue item(s) have no ID in {path}, e.g. {int(item_ids[~found][0])}")
+    if table.num_rows == 0:
+        raise DataError(f"diversity_ids: {path} holds no IDs")
+    table = table.sort_by("item_id")
+    ids, sids = np.asarray(table.column("item_id"), dtype=np.int64), np.asarray(table.column("sid"), dtype=np.int64)
+    at = np.searchsorted(ids, item_ids).clip(max=len(ids) - 1)
+    missing = ids[at] != item_ids
+    if missing.any():
+        raise DataError(f"diversity_ids: {int(missing.sum())} catalogue item(s) have no ID in {path}, e.g. {int(item_ids[missing][0])}")
     return sids[at]
 
 
