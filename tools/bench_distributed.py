@@ -53,11 +53,13 @@ def run_measured(cmd: list[str], interval: float = 0.5) -> dict:
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     root = psutil.Process(proc.pid)
     peak = {"pss": 0, "rss": 0, "largest_rss": 0}
+    at_peak: dict[str, list[int]] = {}  # process kind -> [count, PSS] in the sample of the peak PSS
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             pss = rss = largest = 0
+            kinds: dict[str, list[int]] = {}
             try:
                 procs = [root, *root.children(recursive=True)]
             except psutil.Error:
@@ -65,11 +67,18 @@ def run_measured(cmd: list[str], interval: float = 0.5) -> dict:
             for p in procs:
                 try:
                     info = p.memory_full_info()
+                    kind = process_kind(p)
                 except psutil.Error:
                     continue
                 pss += getattr(info, "pss", info.rss)
                 rss += info.rss
                 largest = max(largest, info.rss)
+                entry = kinds.setdefault(kind, [0, 0])
+                entry[0] += 1
+                entry[1] += getattr(info, "pss", info.rss)
+            if pss > peak["pss"]:
+                at_peak.clear()
+                at_peak.update(kinds)
             peak.update(pss=max(peak["pss"], pss), rss=max(peak["rss"], rss), largest_rss=max(peak["largest_rss"], largest))
             done.wait(interval)
 
@@ -80,7 +89,26 @@ def run_measured(cmd: list[str], interval: float = 0.5) -> dict:
     thread.join()
     mb = 2**20
     return {"rc": rc, "wall_s": round(time.perf_counter() - start, 1), "peak_pss_mb": round(peak["pss"] / mb), "peak_rss_sum_mb": round(peak["rss"] / mb),
-            "peak_process_rss_mb": round(peak["largest_rss"] / mb)}
+            "peak_process_rss_mb": round(peak["largest_rss"] / mb),
+            "at_peak_pss_mb": {k: {"processes": n, "pss_mb": round(v / mb)} for k, (n, v) in sorted(at_peak.items(), key=lambda kv: -kv[1][1])}}
+
+
+def process_kind(p: psutil.Process) -> str:
+    """A short label of a job process for the per-kind breakdown: Ray's own name when it set one."""
+    name = p.name()
+    cmd = p.cmdline()
+    title = cmd[0] if cmd else name
+    if title.startswith("ray::"):  # Ray sets the process title of workers and actors
+        return title.split("(")[0][:48]
+    if any("raylet" in c for c in cmd[:1]) or name == "raylet":
+        return "raylet"
+    if any("gcs_server" in c for c in cmd[:1]):
+        return "gcs_server"
+    joined = " ".join(cmd[:3])
+    for key in ("dashboard", "log_monitor", "monitor.py", "runtime_env", "default_worker"):
+        if key in joined:
+            return key
+    return name[:40]
 
 
 def step_stats(out: Path, skip: int, batch: int) -> dict:

@@ -25,14 +25,9 @@ from cobra_scale.data.io import read_table
 from cobra_scale.data.schemas import item_texts
 from cobra_scale.errors import DataError
 from cobra_scale.model.cobra import Batch
+from cobra_scale.train.windows import index_in_sorted, list_indices, training_windows  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-def index_in_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Positions of ``ids`` in the sorted array ``sorted_ids``; -1 where absent."""
-    pos = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
-    return np.where(sorted_ids[pos] == ids, pos, -1)
 
 
 @dataclass
@@ -213,41 +208,6 @@ def tokenize_texts(texts: list[str], tokenizer, text_tokens: int, chunk: int = T
 def read_sequences(path: str | Path, catalogue: Catalogue, column: str = "item_ids") -> list[np.ndarray]:
     """Per-user arrays of catalogue indices from a sequences table (unknown items dropped)."""
     return list_indices(read_table(path, columns=["user_id", column]), column, catalogue, path)
-
-
-def list_indices(table, column: str, catalogue: Catalogue, path: str | Path) -> list[np.ndarray]:
-    """The list column ``column`` of ``table`` as per-row arrays of catalogue indices.
-
-    ``catalogue`` needs only ``index_of`` (the streaming reader passes an id index alone).
-    """
-    col = table.column(column).combine_chunks()
-    offsets = np.asarray(col.offsets)
-    idx = catalogue.index_of(np.asarray(col.values, dtype=np.int64)[offsets[0] : offsets[-1]])
-    offsets = offsets - offsets[0]
-    unknown = int((idx < 0).sum())
-    if unknown:
-        log.warning("%s: %d interaction(s) with items missing from the catalogue were skipped", path, unknown)
-    return [s[s >= 0] for s in np.split(idx, offsets[1:-1])]
-
-
-def training_windows(sequences: list[np.ndarray], max_items: int) -> list[np.ndarray]:
-    """Cut sequences into windows of <= ``max_items`` items.
-
-    Windows end at the sequence end and step back by ``max_items - 1`` (consecutive windows
-    share one item), so every item after the first is a target exactly once, with up to
-    ``max_items - 1`` items of history; sequences of < 2 items give no window.
-    """
-    out = []
-    for seq in sequences:
-        n = len(seq)
-        end = n
-        while end >= 2:
-            start = max(0, end - max_items)
-            out.append(seq[start:end])
-            if start == 0:
-                break
-            end = start + 1
-    return out
 
 
 @dataclass

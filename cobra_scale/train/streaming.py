@@ -39,12 +39,9 @@ from cobra_scale.train.data import (
     collate,
     examples_from_table,
     length_bucketed_batches,
-    list_indices,
-    training_windows,
     trim_tokens,
 )
-
-WINDOW_COLUMN = "window"
+from cobra_scale.train.windows import WINDOW_COLUMN, cut_windows, windows_of  # noqa: F401 (cut_windows: Ray Data's map function)
 
 
 # ----------------------------------------------------------------------------- catalogue broadcast
@@ -74,36 +71,6 @@ def catalogue_from_arrays(arrays: dict[str, np.ndarray]) -> Catalogue:
             arrays["item_ids"], as_tensor(arrays["tokens"]), as_tensor(arrays["token_mask"]), as_tensor(arrays["codes"]), int(arrays["codes_per_level"]),
             held_out if held_out is not None and len(held_out) else None,
         )
-
-
-@dataclass
-class ItemIndex:
-    """External item id -> catalogue index, without the catalogue's text tokens."""
-
-    item_ids: np.ndarray  # (N,) int64, sorted
-    index_of = Catalogue.index_of
-
-
-# ----------------------------------------------------------------------------- windows
-
-
-def cut_windows(table: pa.Table, item_ids: np.ndarray, max_items: int) -> dict[str, np.ndarray]:
-    """A block of sequences -> its training windows as one (W, max_items) int64 column.
-
-    Windows are those of :func:`~cobra_scale.train.data.training_windows`, right-aligned,
-    -1 on the left (items missing from the catalogue are dropped, as in the local path).
-    """
-    sequences = list_indices(table, "item_ids", ItemIndex(item_ids), "sequences")
-    windows = training_windows(sequences, max_items)
-    out = np.full((len(windows), max_items), -1, dtype=np.int64)
-    for row, w in enumerate(windows):
-        out[row, max_items - len(w) :] = w
-    return {WINDOW_COLUMN: out}
-
-
-def windows_of(batch: np.ndarray) -> list[np.ndarray]:
-    """Rows of a (B, max_items) window block -> the windows (padding dropped)."""
-    return [row[row >= 0] for row in batch]
 
 
 def count_windows(path: str | Path, max_items: int) -> tuple[int, int]:

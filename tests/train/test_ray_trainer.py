@@ -1,10 +1,13 @@
 """Distributed training (Ray Train + DeepSpeed ZeRO, 2 CPU workers) on a tiny dataset.
 
 One uninterrupted ZeRO-2 run is the reference. Against it:
-* every ZeRO stage, stopped mid-epoch and resumed, replays the reference's per-step losses
-  (model, optimiser, scheduler, step, RNG and data position restored);
-* a run whose worker is killed by PID restarts from its last checkpoint and ends with
-  the reference's validation metrics;
+* ZeRO-1 and ZeRO-3, stopped mid-epoch and resumed by a new ``cobra train``, replay the
+  reference's per-step losses (model, optimiser, scheduler, step, RNG and data position
+  restored);
+* a ZeRO-2 run whose worker is killed by PID restarts from its last checkpoint (Ray Train's
+  restore of the same DeepSpeed checkpoint) and replays the reference's losses and ends with
+  its validation metrics. So every stage trains and resumes; ZeRO-2 has no separate
+  stop-and-resume run, which would repeat the other two paths at ~2 min of the suite;
 * the exported checkpoint loads with ``load_run`` and recommends what the run's weights do.
 """
 
@@ -103,7 +106,7 @@ def test_reference_run_learns(reference):
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1)) and all("valid" in h for h in history)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 3])  # 2: test_killed_worker_restarts_from_the_last_checkpoint
 def test_zero_stage_stops_and_resumes_like_an_uninterrupted_run(stage, ray_cluster, reference, data, tmp_path):
     ref_out, ref_summary, ref_losses = reference
     out = tmp_path / "run"

@@ -1,6 +1,8 @@
 """The streaming input and the launcher config of the distributed trainer (no Ray needed)."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +57,15 @@ def test_cut_windows_are_the_local_windows(data, catalogue, max_items):
         np.testing.assert_array_equal(got, want)
     users, n = count_windows(train, max_items)
     assert users == 120 and n == len(training_windows(read_sequences(train, catalogue), max_items))
+
+
+def test_read_tasks_map_function_imports_no_torch():
+    """Ray Data's read workers unpickle cut_windows by module: that import must stay light."""
+    code = ("import sys, pickle; from cobra_scale.train.streaming import cut_windows; blob = pickle.dumps(cut_windows); "
+            "[sys.modules.pop(m) for m in list(sys.modules) if m.split('.')[0] in ('torch', 'cobra_scale')]; "
+            "fn = pickle.loads(blob); print(fn.__module__, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["cobra_scale.train.windows", "False"], done.stdout + done.stderr
 
 
 def test_sample_examples_draws_the_same_users_as_load_examples(data, catalogue, tmp_path):
