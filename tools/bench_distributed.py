@@ -76,9 +76,12 @@ def run_measured(cmd: list[str], interval: float = 0.5) -> dict:
                 entry = kinds.setdefault(kind, [0, 0])
                 entry[0] += 1
                 entry[1] += getattr(info, "pss", info.rss)
+            shm = shutil.disk_usage("/dev/shm").used if os.path.isdir("/dev/shm") else 0  # Ray's object store lives there
             if pss > peak["pss"]:
                 at_peak.clear()
                 at_peak.update(kinds)
+                peak["shm_at_peak"] = shm
+            peak["shm"] = max(peak.get("shm", 0), shm)
             peak.update(pss=max(peak["pss"], pss), rss=max(peak["rss"], rss), largest_rss=max(peak["largest_rss"], largest))
             done.wait(interval)
 
@@ -90,6 +93,7 @@ def run_measured(cmd: list[str], interval: float = 0.5) -> dict:
     mb = 2**20
     return {"rc": rc, "wall_s": round(time.perf_counter() - start, 1), "peak_pss_mb": round(peak["pss"] / mb), "peak_rss_sum_mb": round(peak["rss"] / mb),
             "peak_process_rss_mb": round(peak["largest_rss"] / mb),
+            "shm_used_mb": {"peak": round(peak.get("shm", 0) / mb), "at_peak_pss": round(peak.get("shm_at_peak", 0) / mb)},
             "at_peak_pss_mb": {k: {"processes": n, "pss_mb": round(v / mb)} for k, (n, v) in sorted(at_peak.items(), key=lambda kv: -kv[1][1])}}
 
 

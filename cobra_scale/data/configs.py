@@ -69,7 +69,7 @@ class SessionizeConfig:
     events: str = field(help="events folder (Parquet, hive-partitioned by day) or file")
     out: str = field(help="output folder for sequences shards")
     items: Optional[str] = field(None, help="items catalogue (Parquet); events of unknown items are dropped and counted")
-    shards: int = field(8, help="output shards (files); users are hash-partitioned into them")
+    shards: int = field(0, help="output shards (files); users are hash-partitioned into them; 0 = auto, one per ~2M input events (shards of bounded size, whatever the number of users)")
     partitions: int = field(0, help="on-disk hash partitions of the shuffle (rounded up to a multiple of shards); 0 = auto (~2M events each)")
     event_types: list = field(["click"], help="event types that make up the sequences")
     workers: int = field(0, help="parallel processes for both phases; 0 = number of CPUs (one process below 1M rows)")
@@ -78,7 +78,7 @@ class SessionizeConfig:
     batch_rows: int = field(1_000_000, help="rows read at once in the scatter phase (bounds memory)")
 
     def __post_init__(self) -> None:
-        _positive("shards", self.shards)
+        _positive("shards", self.shards, allow_zero=True)
         _positive("partitions", self.partitions, allow_zero=True)
         _positive("workers", self.workers, allow_zero=True)
         _positive("min_items", self.min_items)

@@ -26,7 +26,8 @@ number of users:
 
 Output (``OUT/``):
 
-* ``part-SSSSS.parquet`` — exactly ``shards`` files in
+* ``part-SSSSS.parquet`` — exactly ``shards`` files (default: one per ~2M input events,
+  so a shard's size does not grow with the number of users) in
   :data:`~cobra_scale.data.schemas.SEQUENCES_SCHEMA`, one writer each, users with
   ``user_shard(user_id, shards) == SSSSS``, rows sorted by ``user_id`` (row groups of
   65,536 users, so row-group statistics locate a user), ``item_ids``/``timestamps``
@@ -86,6 +87,10 @@ from cobra_scale.errors import DataError
 log = logging.getLogger(__name__)
 
 EVENTS_PER_PARTITION = 2_000_000  # target of the automatic partition count
+# Target of the automatic shard count: shards of bounded size, whatever the number of users.
+# A Ray Data read task reads one file: bounded files bound its input and let readers run in
+# parallel at any scale (docs/data.md).
+EVENTS_PER_SHARD = 2_000_000
 ROW_GROUP_USERS = 65_536  # output row group size (users)
 RUN_BATCH_USERS = 8_192  # record batch size of the sorted runs (bounds the merge buffers)
 TMP_NAME = "_sessionize_tmp"
@@ -601,6 +606,10 @@ class _Runner:
         _STATE.clear()
 
 
+def _auto_shards(total_rows: int) -> int:
+    return min(MAX_PARTITIONS, max(1, math.ceil(total_rows / EVENTS_PER_SHARD)))
+
+
 def _auto_partitions(total_rows: int, shards: int) -> int:
     want = max(1, math.ceil(total_rows / EVENTS_PER_PARTITION))
     return shards * math.ceil(want / shards)
@@ -622,7 +631,7 @@ def sessionize_events(
     *,
     items: Optional[str | os.PathLike] = None,
     event_types: Optional[Sequence[str]] = ("click",),
-    shards: int = 8,
+    shards: int = 0,
     partitions: int = 0,
     workers: int = 0,
     strict: bool = False,
@@ -651,6 +660,7 @@ def sessionize_events(
         if ev.is_dir() and (out_dir.resolve() == ev or ev in out_dir.resolve().parents):
             raise DataError(f"--out {out_dir} must not be inside the events folder {ev}")
     per_file, total = _plan(files)
+    shards = shards or _auto_shards(total)
     n_parts = partitions or _auto_partitions(total, shards)
     if n_parts % shards:
         n_parts = shards * math.ceil(n_parts / shards)

@@ -92,6 +92,17 @@ def test_exact_sequences(events: Path, tmp_path: Path) -> None:
         assert all(user_shard(u, 2)[0] == s for u in users)
 
 
+def test_auto_shards_bound_the_events_per_shard(events: Path, tmp_path: Path, monkeypatch) -> None:
+    """shards=0 (the default): one shard per EVENTS_PER_SHARD input events, so shard size does not grow with users."""
+    import cobra_scale.data.sessionize as sessionize
+
+    assert sessionize_events(events, tmp_path / "one", workers=1).to_dict()["shards"] == 1  # 11 events
+    monkeypatch.setattr(sessionize, "EVENTS_PER_SHARD", 4)
+    report = sessionize_events(events, tmp_path / "auto", workers=1).to_dict()
+    assert report["shards"] == 3 == len(list((tmp_path / "auto").glob("part-*.parquet")))  # ceil(11 / 4)
+    assert read_sequences(tmp_path / "auto") == read_sequences(tmp_path / "one")
+
+
 def test_all_event_types(events: Path, tmp_path: Path) -> None:
     out = tmp_path / "seq"
     report = sessionize_events(events, out, event_types=["click", "conversion"], shards=1, workers=1).to_dict()
