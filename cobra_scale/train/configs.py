@@ -46,6 +46,7 @@ class DistributedConfig:
     storage: Optional[str] = field(None, help="Ray Train storage for checkpoints (default: <out>/ray; a shared path on multi-node clusters)")
     shuffle_buffer: int = field(20000, help="windows in each worker's local shuffle buffer (0 = stream order)")
     data_memory_mb: int = field(0, help="object-store budget of the Ray Data input pipeline in MB (0 = Ray's default share); bounds the blocks read ahead")
+    block_mb: int = field(16, help="target size in MB of the input pipeline's blocks (0 = Ray Data's default, 128 MB); smaller blocks bound what is read ahead: job memory 5M vs 0.5M users 1.08x at 16, 1.22x at 128 (docs/distributed.md)")
     log_every_steps: int = field(10, help="progress line + TensorBoard scalars every N optimiser steps")
     max_steps: int = field(0, help="stop after this many optimiser steps (0 = run the epochs); benchmarks and tests")
     global_negatives: bool = field(
@@ -60,8 +61,8 @@ class DistributedConfig:
             raise ConfigError("distributed.cpus_per_worker must be > 0")
         if self.keep_checkpoints <= 0:
             raise ConfigError("distributed.keep_checkpoints must be > 0")
-        if min(self.checkpoint_every_steps, self.shuffle_buffer, self.max_steps, self.data_memory_mb) < 0 or self.log_every_steps <= 0:
-            raise ConfigError("distributed step counts and data_memory_mb must be >= 0 (log_every_steps > 0)")
+        if min(self.checkpoint_every_steps, self.shuffle_buffer, self.max_steps, self.data_memory_mb, self.block_mb) < 0 or self.log_every_steps <= 0:
+            raise ConfigError("distributed step counts, data_memory_mb and block_mb must be >= 0 (log_every_steps > 0)")
 
 
 @dataclass

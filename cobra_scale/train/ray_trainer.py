@@ -172,7 +172,7 @@ def run(cfg: TrainConfig) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=dcfg.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
         ),
-        datasets={"train": window_dataset(split / "train", catalogue.item_ids, cfg.model.max_items, cfg.seed)},
+        datasets={"train": window_dataset(split / "train", catalogue.item_ids, cfg.model.max_items, cfg.seed, block_bytes=dcfg.block_mb * 2**20)},
         # Order preserved: the split gives each rank the same windows in the same order on
         # every run, which is what makes "skip the batches already consumed" a resume.
         # A data_memory_mb budget caps the object store the reads may fill ahead of the workers.

@@ -89,8 +89,12 @@ def count_windows(path: str | Path, max_items: int) -> tuple[int, int]:
     return users, windows
 
 
-def window_dataset(path: str | Path, item_ids: np.ndarray, max_items: int, seed: int, block_users: int = 4096):
-    """The Ray Dataset of training windows over every Parquet file under ``path``."""
+def window_dataset(path: str | Path, item_ids: np.ndarray, max_items: int, seed: int, block_users: int = 4096, block_bytes: int = 0):
+    """The Ray Dataset of training windows over every Parquet file under ``path``.
+
+    ``block_bytes`` > 0 sets the dataset's target block size (Ray Data's default is 128 MB;
+    ``distributed.block_mb``).
+    """
     import ray
 
     from ray.data import FileShuffleConfig
@@ -102,13 +106,16 @@ def window_dataset(path: str | Path, item_ids: np.ndarray, max_items: int, seed:
     # workers' seeded local shuffle.
     shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=False)
     ds = ray.data.read_parquet(files, shuffle=shuffle).select_columns(["item_ids"])  # projection pushed into the read
-    return ds.map_batches(
+    ds = ds.map_batches(
         cut_windows,
         fn_kwargs={"item_ids": item_ids, "max_items": max_items},
         batch_format="pyarrow",
         batch_size=block_users,
         zero_copy_batch=True,
     )
+    if block_bytes:
+        ds.context.target_max_block_size = block_bytes
+    return ds
 
 
 def iter_train_batches(

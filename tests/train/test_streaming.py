@@ -1,4 +1,4 @@
-"""The streaming input and the launcher config of the distributed trainer (no Ray needed)."""
+"""The streaming input and the launcher config of the distributed trainer (one test runs Ray Data in-process)."""
 
 import json
 import subprocess
@@ -66,6 +66,28 @@ def test_read_tasks_map_function_imports_no_torch():
             "fn = pickle.loads(blob); print(fn.__module__, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["cobra_scale.train.windows", "False"], done.stdout + done.stderr
+
+
+@pytest.mark.integration
+def test_window_dataset_streams_the_local_windows_in_blocks_of_the_target_size(data, catalogue):
+    from cobra_scale.distributed import init_ray
+    from cobra_scale.train.streaming import window_dataset
+
+    ray = init_ray(num_cpus=2)
+    train = data / "splits" / "loo" / "train"
+    expected = sorted(tuple(w) for w in training_windows(read_sequences(train, catalogue), 6))
+    counts = {}
+    try:
+        for block_bytes in (0, 4096):  # Ray Data's default (one block here), then ~4 KB blocks
+            ds = window_dataset(train, catalogue.item_ids, 6, seed=0, block_bytes=block_bytes)
+            bundles = list(ds.iter_internal_ref_bundles())
+            counts[block_bytes] = len(bundles)
+            blocks = [block for b in bundles for block in ray.get(list(b.block_refs))]
+            rows = [tuple(w) for block in blocks for w in windows_of(np.asarray(block.column("window").to_pylist()))]
+            assert sorted(rows) == expected, block_bytes
+    finally:
+        ray.shutdown()
+    assert counts[4096] > counts[0], counts
 
 
 def test_sample_examples_draws_the_same_users_as_load_examples(data, catalogue, tmp_path):
