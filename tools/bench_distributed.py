@@ -46,44 +46,62 @@ def cobra(*args: str) -> list[str]:
     return [sys.executable, "-m", "cobra_scale.cli", *args]
 
 
-def run_measured(cmd: list[str], interval: float = 0.5) -> dict:
-    """Run ``cmd``; wall time and the peak PSS / RSS sum over its process tree."""
+def run_measured(cmd: list[str], interval: float = 0.5, tick: float = 1.0) -> dict:
+    """Run ``cmd``; wall time, the peak PSS / RSS sum over its process tree, CPU seconds per process kind.
+
+    PSS (``memory_full_info`` reads each process's smaps) is sampled every ``interval``
+    seconds: at 0.5 s over ~30 Ray processes it costs about a quarter of a core (measured in
+    session 11), which a throughput run on 2 cores cannot spare. CPU times (cheap) every ``tick``.
+    """
     env = {**os.environ, **{k: os.environ.get(k, v) for k, v in ENV.items()}}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     root = psutil.Process(proc.pid)
     peak = {"pss": 0, "rss": 0, "largest_rss": 0}
     at_peak: dict[str, list[int]] = {}  # process kind -> [count, PSS] in the sample of the peak PSS
+    cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds so far)
     done = threading.Event()
 
+    def sample_memory(procs: list) -> None:
+        pss = rss = largest = 0
+        kinds: dict[str, list[int]] = {}
+        for p in procs:
+            try:
+                info = p.memory_full_info()
+                kind = process_kind(p)
+            except psutil.Error:
+                continue
+            pss += getattr(info, "pss", info.rss)
+            rss += info.rss
+            largest = max(largest, info.rss)
+            entry = kinds.setdefault(kind, [0, 0])
+            entry[0] += 1
+            entry[1] += getattr(info, "pss", info.rss)
+        shm = shutil.disk_usage("/dev/shm").used if os.path.isdir("/dev/shm") else 0  # Ray's object store lives there
+        if pss > peak["pss"]:
+            at_peak.clear()
+            at_peak.update(kinds)
+            peak["shm_at_peak"] = shm
+        peak["shm"] = max(peak.get("shm", 0), shm)
+        peak.update(pss=max(peak["pss"], pss), rss=max(peak["rss"], rss), largest_rss=max(peak["largest_rss"], largest))
+
     def sample() -> None:
+        next_memory = 0.0
         while not done.is_set():
-            pss = rss = largest = 0
-            kinds: dict[str, list[int]] = {}
             try:
                 procs = [root, *root.children(recursive=True)]
             except psutil.Error:
                 procs = []
             for p in procs:
                 try:
-                    info = p.memory_full_info()
-                    kind = process_kind(p)
+                    t = p.cpu_times()
+                    cpu[p.pid] = (cpu[p.pid][0] if p.pid in cpu else process_kind(p), t.user + t.system)
                 except psutil.Error:
                     continue
-                pss += getattr(info, "pss", info.rss)
-                rss += info.rss
-                largest = max(largest, info.rss)
-                entry = kinds.setdefault(kind, [0, 0])
-                entry[0] += 1
-                entry[1] += getattr(info, "pss", info.rss)
-            shm = shutil.disk_usage("/dev/shm").used if os.path.isdir("/dev/shm") else 0  # Ray's object store lives there
-            if pss > peak["pss"]:
-                at_peak.clear()
-                at_peak.update(kinds)
-                peak["shm_at_peak"] = shm
-            peak["shm"] = max(peak.get("shm", 0), shm)
-            peak.update(pss=max(peak["pss"], pss), rss=max(peak["rss"], rss), largest_rss=max(peak["largest_rss"], largest))
-            done.wait(interval)
+            if time.perf_counter() >= next_memory:
+                sample_memory(procs)
+                next_memory = time.perf_counter() + interval
+            done.wait(tick)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -91,10 +109,16 @@ def run_measured(cmd: list[str], interval: float = 0.5) -> dict:
     done.set()
     thread.join()
     mb = 2**20
-    return {"rc": rc, "wall_s": round(time.perf_counter() - start, 1), "peak_pss_mb": round(peak["pss"] / mb), "peak_rss_sum_mb": round(peak["rss"] / mb),
+    wall = time.perf_counter() - start
+    cpu_kinds: dict[str, float] = {}
+    for kind, seconds in cpu.values():
+        cpu_kinds[kind] = cpu_kinds.get(kind, 0.0) + seconds
+    return {"rc": rc, "wall_s": round(wall, 1), "peak_pss_mb": round(peak["pss"] / mb), "peak_rss_sum_mb": round(peak["rss"] / mb),
             "peak_process_rss_mb": round(peak["largest_rss"] / mb),
             "shm_used_mb": {"peak": round(peak.get("shm", 0) / mb), "at_peak_pss": round(peak.get("shm_at_peak", 0) / mb)},
-            "at_peak_pss_mb": {k: {"processes": n, "pss_mb": round(v / mb)} for k, (n, v) in sorted(at_peak.items(), key=lambda kv: -kv[1][1])}}
+            "at_peak_pss_mb": {k: {"processes": n, "pss_mb": round(v / mb)} for k, (n, v) in sorted(at_peak.items(), key=lambda kv: -kv[1][1])},
+            "cores_used": round(sum(cpu_kinds.values()) / wall, 2),
+            "cpu_s_by_kind": {k: round(v, 1) for k, v in sorted(cpu_kinds.items(), key=lambda kv: -kv[1]) if v >= 1.0}}
 
 
 def process_kind(p: psutil.Process) -> str:
@@ -129,11 +153,11 @@ def step_stats(out: Path, skip: int, batch: int) -> dict:
             "data_wait_s_per_step": round(float(data_s), 4), "train_step_s_per_step": round(float(step_s), 4)}
 
 
-def train(data: Path, ids: Path, out: Path, overrides: list[str]) -> dict:
+def train(data: Path, ids: Path, out: Path, overrides: list[str], interval: float = 0.5) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = cobra("train", "--data", str(data), "--ids", str(ids), "--out", str(out), "--no-resume", *overrides)
     print("$", " ".join(cmd), flush=True)
-    return run_measured(cmd)
+    return run_measured(cmd, interval)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -172,7 +196,7 @@ def throughput(args, extra: list[str]) -> None:
         out = Path(args.out_root) / f"throughput-w{workers}"
         overrides = ["launcher=ray", f"distributed.workers={workers}", f"distributed.max_steps={args.steps}", "distributed.checkpoint_every_steps=0",
                      f"batch_size={args.batch_size}", "eval_users=1000", "distributed.log_every_steps=10", *MODEL, *extra]
-        measured = train(Path(args.data), Path(args.data) / "ids", out, overrides)
+        measured = train(Path(args.data), Path(args.data) / "ids", out, overrides, interval=args.memory_every)
         result = {"workers": workers, **measured, **(step_stats(out, args.warmup, args.batch_size) if measured["rc"] == 0 else {})}
         users, windows = _count(Path(args.data))
         if result.get("samples_per_s"):
@@ -181,8 +205,8 @@ def throughput(args, extra: list[str]) -> None:
         print(json.dumps(result), flush=True)
         results.append(result)
     if len(results) >= 2 and all(r.get("samples_per_s") for r in results):
-        print(json.dumps({"speedup": round(results[-1]["samples_per_s"] / results[0]["samples_per_s"], 2),
-                          "workers": [r["workers"] for r in results]}))
+        fewest, most = min(results, key=lambda r: r["workers"]), max(results, key=lambda r: r["workers"])
+        print(json.dumps({"speedup": round(most["samples_per_s"] / fewest["samples_per_s"], 2), "workers": [fewest["workers"], most["workers"]]}))
 
 
 def rss(args, extra: list[str]) -> None:
@@ -244,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
+    p.add_argument("--memory-every", type=float, default=15.0, help="seconds between PSS samples (reading smaps costs CPU the run needs)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out-root", default="/tmp/bench/distributed")
     p = sub.add_parser("rss")
