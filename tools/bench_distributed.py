@@ -95,7 +95,7 @@ def run_measured(cmd: list[str], interval: float = 0.5, tick: float = 1.0) -> di
             for p in procs:
                 try:
                     t = p.cpu_times()
-                    cpu[p.pid] = (cpu[p.pid][0] if p.pid in cpu else process_kind(p), t.user + t.system)
+                    cpu[p.pid] = (process_kind(p), t.user + t.system)  # the latest title: a Ray worker starts as ray::IDLE
                 except psutil.Error:
                     continue
             if time.perf_counter() >= next_memory:
