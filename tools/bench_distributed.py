@@ -68,7 +68,7 @@ def run_measured(cmd: list[str], interval: float = 0.5, tick: float = 1.0) -> di
         for p in procs:
             try:
                 info = p.memory_full_info()
-                kind = process_kind(p)
+                kind = cpu[p.pid][0] if p.pid in cpu else process_kind(p)  # the CPU pass just read its title
             except psutil.Error:
                 continue
             pss += getattr(info, "pss", info.rss)
