@@ -93,7 +93,7 @@ def beam_search(
     L, K = masks.levels, masks.codes
     h, cache, pos = model.start(codes, vectors, valid)
     b = h.shape[0]
-    lp = model.code_logprobs(h, 0).masked_fill(~masks.mask(0, torch.zeros(b, dtype=torch.long, device=h.device)), NEG)  # (B, K)
+    lp = _level_logprobs(model, h, 0, torch.zeros(b, dtype=torch.long, device=h.device), masks)  # (B, K)
     m0 = min(beams, K)
     scores, first = lp.topk(m0, dim=-1)  # (B, M0)
     seqs = first[:, :, None]  # (B, M, l)
@@ -105,7 +105,7 @@ def beam_search(
         before = _pack(seqs[:, :, : level - 1].reshape(b * m, level - 1), K)  # codes < level-1
         hb, cache = model.step_code(cache, level - 1, flat_codes, pos_beam, before)
         prefix = before * K + flat_codes
-        lp = model.code_logprobs(hb, level, prefix).masked_fill(~masks.mask(level, prefix), NEG).view(b, m, K)
+        lp = _level_logprobs(model, hb, level, prefix, masks).view(b, m, K)
         total = (scores[:, :, None] + lp).view(b, m * K)  # (B, M*K)
         m_new = min(beams, m * K)
         scores, flat = total.topk(m_new, dim=-1)
@@ -144,10 +144,23 @@ def greedy_decode(model: CobraModel, codes: torch.Tensor, vectors: torch.Tensor 
             _, cache, _ = model.start(codes, vectors, valid)
             for j in range(level):
                 h, cache = model.step_code(cache, j, out[:, j], pos, _pack(out[:, :j], K))
-        lp = model.code_logprobs(h, level, prefix).masked_fill(~masks.mask(level, prefix), NEG)
+        lp = _level_logprobs(model, h, level, prefix, masks)
         out[:, level] = lp.argmax(-1)
         prefix = prefix * K + out[:, level]
     return out
+
+
+def _level_logprobs(model: CobraModel, h: torch.Tensor, level: int, prefix: torch.Tensor, masks: PrefixMasks) -> torch.Tensor:
+    """(B, K) code log-probs of ``level``, codes absent from the trie after ``prefix`` at -inf.
+
+    A model trained with ``constrained_codes`` is scored as it was trained: the softmax is taken over
+    the allowed codes, so a beam's score is log P(ID) over the catalogue's IDs. Otherwise the softmax
+    is over all K codes and the disallowed ones are masked afterwards.
+    """
+    allowed = masks.mask(level, prefix)
+    if model.cfg.constrained_codes:
+        return model.code_logprobs(h, level, prefix, allowed)
+    return model.code_logprobs(h, level, prefix).masked_fill(~allowed, NEG)
 
 
 def _pack(codes: torch.Tensor, k: int) -> torch.Tensor:

@@ -120,6 +120,9 @@ class CobraModel(nn.Module):
         self.temp = Temperature(cfg.temperature, cfg.learn_temperature)
         self.dense_loss_impl = "auto"
         self.dense_loss_scope = "local"  # "global": in-batch negatives from every data-parallel rank (set by the trainer)
+        # the catalogue's ID trie (a model.beam.PrefixMasks), needed by the sparse loss when cfg.constrained_codes
+        # (set by the trainer; not a parameter, not saved: inference builds its own from its catalogue)
+        self.code_masks = None
 
     # ------------------------------------------------------------------ building blocks
 
@@ -232,8 +235,13 @@ class CobraModel(nn.Module):
         if cfg.use_sparse:
             target_codes = batch.item_codes[target_items]  # (P, L)
             prefix = torch.zeros_like(target_codes[:, 0])
+            if cfg.constrained_codes and self.code_masks is None:
+                raise ValueError("model.constrained_codes needs the catalogue's ID trie: set model.code_masks (a PrefixMasks) first")
             for level in range(L):
-                ce = F.cross_entropy(self.code_logits(pred_in[:, level], level, prefix), target_codes[:, level])
+                logits = self.code_logits(pred_in[:, level], level, prefix)
+                if cfg.constrained_codes:
+                    logits = logits.masked_fill(~self.code_masks.mask(level, prefix), float("-inf"))
+                ce = F.cross_entropy(logits, target_codes[:, level])
                 prefix = prefix * cfg.codes + target_codes[:, level]
                 sparse = sparse + ce
                 per_level.append(float(ce.detach()))
@@ -281,9 +289,17 @@ class CobraModel(nn.Module):
         h, cache = self.decoder(x[:, None], torch.ones_like(code, dtype=torch.bool)[:, None], cache)
         return h[:, 0], cache
 
-    def code_logprobs(self, h: torch.Tensor, level: int, prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, d) -> (B, K) log-probabilities of the code of ``level`` given the ``prefix`` (B,) of codes < level."""
-        return F.log_softmax(self.code_logits(h, level, prefix).float(), dim=-1)
+    def code_logprobs(self, h: torch.Tensor, level: int, prefix: torch.Tensor | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, d) -> (B, K) log-probabilities of the code of ``level`` given the ``prefix`` (B,) of codes < level.
+
+        With ``allowed`` (B, K) bool, the softmax is over the allowed codes only (disallowed ones get -inf;
+        a row with none allowed is all -inf).
+        """
+        logits = self.code_logits(h, level, prefix).float()
+        if allowed is None:
+            return F.log_softmax(logits, dim=-1)
+        lp = F.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        return lp.masked_fill(~allowed.any(-1, keepdim=True) | ~allowed, float("-inf"))
 
     def dense_prediction(self, h: torch.Tensor) -> torch.Tensor:
         """(B, d) -> (B, d) L2-normalised predicted dense vector."""

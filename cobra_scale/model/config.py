@@ -44,6 +44,12 @@ class CobraConfig:
         "items added after training (cold start) keep their text vector alone. Not in the paper, where the dense vector is text only",
     )
     catalogue_items: int = field(0, help="rows of the per-item embedding (set from the catalogue when item_embedding is on)")
+    constrained_codes: bool = field(
+        False,
+        help="each level's code softmax is taken over the codes that follow the prefix in the catalogue's ID trie only, "
+        "in the sparse loss and in the beam scores (which are then log P(ID) over the catalogue's IDs); the trainer gives "
+        "the model the trie (model.code_masks). Off: softmax over all K codes, invalid ones masked at inference only",
+    )
 
     def __post_init__(self) -> None:
         if self.d_model % self.decoder_heads or self.encoder_dim % self.encoder_heads:

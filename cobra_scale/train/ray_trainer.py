@@ -315,6 +315,7 @@ def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from cobra_scale.model.beam import PrefixMasks
     from cobra_scale.model.cobra import CobraModel
     from cobra_scale.train.data import batch_to
     from cobra_scale.train.streaming import catalogue_from_arrays, iter_train_batches, sample_examples
@@ -341,6 +342,8 @@ def train_loop_per_worker(config: dict) -> None:
     model = CobraModel(cfg.model)
     model.dense_loss_impl = cfg.dense_loss_impl
     model.dense_loss_scope = "global" if dcfg.global_negatives else "local"
+    if cfg.model.constrained_codes:
+        model.code_masks = PrefixMasks(catalogue.codes.numpy(), catalogue.codes_per_level, device)
     if cfg.init_embeddings:
         init_token_embeddings(model)
     model.to(device)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from cobra_scale.config import load_config, save_config
 from cobra_scale.devices import pick_device, pick_precision, trim_host_memory
 from cobra_scale.errors import CobraError, DataError
+from cobra_scale.model.beam import PrefixMasks
 from cobra_scale.model.cobra import Batch, CobraModel, Losses
 from cobra_scale.retrieve.recommender import InferenceParams, Recommender
 from cobra_scale.train.configs import InferenceConfig, TrainConfig
@@ -324,6 +325,8 @@ def run(cfg: TrainConfig) -> dict:
 
     model = CobraModel(cfg.model).to(device)
     model.dense_loss_impl = cfg.dense_loss_impl
+    if cfg.model.constrained_codes:
+        model.code_masks = PrefixMasks(catalogue.codes.numpy(), catalogue.codes_per_level, device)
     if cfg.init_embeddings:
         init_token_embeddings(model)
     optimizer = make_optimizer(model, cfg)

@@ -167,6 +167,52 @@ def test_beam_search_yields_valid_ids_and_m1_equals_greedy():
     assert torch.all(beams.scores[:, 0] >= one.scores[:, 0] - 1e-6)
 
 
+def test_constrained_codes_sparse_loss_is_the_ce_over_the_tries_children():
+    """With constrained_codes the per-level CE is a softmax over the codes the trie allows after the prefix."""
+    model = tiny_model(constrained_codes=True)
+    tokens, mask, codes = catalogue()
+    keep = [0, 1, 5, 6, 10, 11]  # a sparse trie: codes 0..3 at level 0, only some children each
+    b = Batch(tokens[keep], mask[keep], codes[keep], torch.arange(6), torch.tensor([[0, 1, 2, 3, 4, 5]]))
+    with pytest.raises(ValueError, match="code_masks"):
+        model(b)
+    masks = PrefixMasks(codes[keep].numpy(), K)
+    model.code_masks = masks
+    out = model(b)
+    # by hand: the same hidden states, each level's logits restricted to the allowed codes
+    free = tiny_model(constrained_codes=False)
+    free.load_state_dict(model.state_dict())
+    unconstrained = free(b)
+    assert torch.isfinite(out.total)
+    # level 0 allows every code present at level 0 (all of 0..3 here): the same CE
+    assert out.sparse_per_level[0] == pytest.approx(unconstrained.sparse_per_level[0], abs=1e-6)
+    # level 1 allows fewer codes than K: a strictly smaller CE (the disallowed codes held mass)
+    assert out.sparse_per_level[1] < unconstrained.sparse_per_level[1]
+
+
+def test_constrained_codes_beam_scores_are_log_probs_over_the_catalogues_ids():
+    model = tiny_model(constrained_codes=True)
+    tokens, mask, codes = catalogue()
+    keep = [0, 1, 5, 6, 10, 11]
+    codes = codes[keep]
+    vec = model.encode_items(tokens[:6], mask[:6])
+    masks = PrefixMasks(codes.numpy(), K)
+    hist = torch.tensor([[-1, 0, 1], [2, 3, 4]])
+    h_codes, h_vec, valid = codes[hist.clamp(min=0)], vec[hist.clamp(min=0)], hist >= 0
+    beams = beam_search(model, h_codes, h_vec, valid, masks, beams=10)
+    finite = torch.isfinite(beams.scores)
+    assert (finite.sum(1) == len({tuple(c) for c in codes.tolist()})).all()
+    # every existing ID is a beam: their probabilities sum to 1 (renormalised over the trie at each level)
+    total = torch.where(finite, beams.scores.exp(), torch.zeros_like(beams.scores)).sum(1)
+    assert torch.allclose(total, torch.ones(2), atol=1e-5)
+    one = beam_search(model, h_codes, h_vec, valid, masks, beams=1)
+    assert torch.equal(one.codes[:, 0], greedy_decode(model, h_codes, h_vec, valid, masks))
+    # the same weights unconstrained leak mass to IDs that do not exist: their scores sum to less than 1
+    free = tiny_model(constrained_codes=False)
+    free.load_state_dict(model.state_dict())
+    leak = beam_search(free, h_codes, h_vec, valid, masks, beams=10)
+    assert (torch.where(torch.isfinite(leak.scores), leak.scores.exp(), torch.zeros_like(leak.scores)).sum(1) < 1 - 1e-3).all()
+
+
 def test_sparse_prefix_masks_equal_the_dense_tables():
     import numpy as np
 

@@ -71,6 +71,23 @@ def test_catalogue_negatives_and_item_embedding_train_and_reload(data, tmp_path)
     assert rec is not None
 
 
+def test_constrained_codes_train_and_reload(data, tmp_path):
+    """The trainer gives the model its catalogue's trie; the saved config makes inference score the same way."""
+    out = tmp_path / "constrained"
+    summary = run(config(data, out, "epochs=2", "model.constrained_codes=true"))
+    assert summary["epochs"] == 2
+    model, catalogue, cfg, device = load_run(out)
+    assert cfg.model.constrained_codes
+    from cobra_scale.eval.offline import evaluate
+    from cobra_scale.train.data import load_examples
+    from cobra_scale.train.trainer import inference_params
+
+    valid = load_examples(data / "splits" / "loo" / "valid", catalogue, cfg.model.max_items - 1)
+    metrics = evaluate(make_recommender(model, catalogue, device), valid.history, valid.targets, inference_params(cfg.inference), progress=False)
+    best = json.loads((out / "best" / "state.json").read_text())
+    assert metrics["ndcg@10"] == pytest.approx(best["valid_ndcg@10"], abs=1e-6)
+
+
 def test_steps_per_epoch_caps_each_epoch_and_samples_differently(data, tmp_path):
     full = run(config(data, tmp_path / "full", "epochs=1"))
     history = json.loads((tmp_path / "full" / "history.json").read_text())
