@@ -298,8 +298,8 @@ class CobraModel(nn.Module):
         logits = self.code_logits(h, level, prefix).float()
         if allowed is None:
             return F.log_softmax(logits, dim=-1)
-        lp = F.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-        return lp.masked_fill(~allowed.any(-1, keepdim=True) | ~allowed, float("-inf"))
+        # masking afterwards too turns the NaN of a row with no allowed code into -inf
+        return F.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).masked_fill(~allowed, float("-inf"))
 
     def dense_prediction(self, h: torch.Tensor) -> torch.Tensor:
         """(B, d) -> (B, d) L2-normalised predicted dense vector."""
