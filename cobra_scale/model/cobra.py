@@ -176,6 +176,15 @@ class CobraModel(nn.Module):
         rows = self.item_emb(items.clamp(0, self.item_emb.num_embeddings - 1))
         return vectors + rows * known[:, None].to(rows.dtype)
 
+    @torch.no_grad()
+    def init_item_embedding(self, rows: torch.Tensor) -> None:
+        """Start the per-item rows (``item_embedding``) from ``rows`` (catalogue_items, d) instead of zeros."""
+        if self.item_emb is None:
+            raise ConfigError("init_item_embedding needs item_embedding on")
+        if tuple(rows.shape) != tuple(self.item_emb.weight.shape):
+            raise ConfigError(f"item rows have shape {tuple(rows.shape)}, expected {tuple(self.item_emb.weight.shape)}")
+        self.item_emb.weight.copy_(rows.to(self.item_emb.weight))
+
     def item_tokens(self, codes: torch.Tensor, vectors: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
         """Input embeddings of items: ``codes`` (B, S, L), ``vectors`` (B, S, d), ``positions`` (B, S)
         -> (B, S, tokens_per_item, d) in the order [c^0 .. c^{L-1}, v]."""

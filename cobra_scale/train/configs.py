@@ -89,6 +89,14 @@ class TrainConfig:
     device: str = field("auto", help="auto | cpu | cuda")
     precision: str = field("fp32", help="fp32 | bf16 (autocast; standard on GPUs, ~1.4x faster on CPUs with AVX512-BF16/AMX; falls back to fp32 on CPUs without native bf16, where it would be ~50x slower)")
     init_embeddings: bool = field(True, help="initialise token embeddings from all-MiniLM-L6-v2 (PCA-projected)")
+    item_embedding_init: str = field(
+        "zeros",
+        help="how model.item_embedding's rows start: zeros | behaviour = each item's co-occurrence vector over the training "
+        "split (PPMI + truncated SVD, as `cobra ids` behaviour.*), scaled to item_embedding_scale x the median norm of the "
+        "initial text vectors; items that co-occur with none start at zero. Local launcher",
+    )
+    item_embedding_scale: float = field(1.0, help="norm of the behaviour-initialised item rows relative to the median initial text vector")
+    item_embedding_window: int = field(3, help="item_embedding_init=behaviour: items at most this many steps apart co-occur")
     same_id_negatives: int = field(0, help="dense loss: add up to N other items of each target's sparse ID to the batch as hard negatives (0 = in-batch only)")
     catalogue_negatives: int = field(
         0,
@@ -135,6 +143,15 @@ class TrainConfig:
             raise ConfigError("steps_per_epoch is for the local launcher; with launcher=ray bound the run with distributed.max_steps")
         if self.catalogue_negatives < -1:
             raise ConfigError("catalogue_negatives must be -1 (whole catalogue), 0 (off) or a count")
+        if self.item_embedding_init not in ("zeros", "behaviour"):
+            raise ConfigError("item_embedding_init must be zeros or behaviour")
+        if self.item_embedding_init == "behaviour":
+            if not self.model.item_embedding:
+                raise ConfigError("item_embedding_init=behaviour needs model.item_embedding=true")
+            if self.launcher == "ray":
+                raise ConfigError("item_embedding_init=behaviour is built for the local launcher only")
+            if self.item_embedding_scale <= 0 or self.item_embedding_window <= 0:
+                raise ConfigError("item_embedding_scale and item_embedding_window must be > 0")
         if self.catalogue_negatives and self.launcher == "ray":
             raise ConfigError("catalogue_negatives is built for the local launcher only; use same_id_negatives with launcher=ray")
         if self.device not in ("auto", "cpu", "cuda"):

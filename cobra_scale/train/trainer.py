@@ -97,6 +97,33 @@ def init_token_embeddings(model: CobraModel) -> None:
     model.encoder.init_word_embeddings(weights[key])
 
 
+def init_item_rows(model: CobraModel, catalogue: Catalogue, train_sequences: Path, cfg: TrainConfig, device: torch.device) -> dict:
+    """``item_embedding_init=behaviour``: the per-item rows start as co-occurrence vectors.
+
+    Each row is the item's unit PPMI-SVD vector over ``train_sequences`` (zero for an item
+    that co-occurs with none), times ``item_embedding_scale`` x the median norm of the
+    model's initial text vectors, so the behaviour part starts as loud as the text part.
+    """
+    from cobra_scale.semantic_ids.behaviour import behaviour_vectors
+
+    dim = model.item_emb.weight.shape[1]
+    if len(catalogue) <= dim + 1:
+        raise DataError(f"item_embedding_init=behaviour needs more than {dim + 1} catalogue items (has {len(catalogue)})")
+    vectors, report = behaviour_vectors(train_sequences, catalogue.item_ids, dim, cfg.item_embedding_window, cfg.seed)
+    sample = min(len(catalogue), 4096)
+    was_training = model.training
+    model.eval()  # dropout off: the norm of the vectors inference sees
+    with torch.no_grad():
+        mask = catalogue.token_mask[:sample]
+        text = model.encoder(catalogue.tokens[:sample].to(device), mask.to(device)).float()
+    model.train(was_training)
+    scale = cfg.item_embedding_scale * float(text.norm(dim=1).median())
+    model.init_item_embedding(torch.from_numpy(vectors) * scale)
+    report["row_norm"] = round(scale, 4)
+    log.info("item rows from co-occurrence: %d of %d items, norm %.3f", report["items_with_behaviour"], report["items"], scale)
+    return report
+
+
 def lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -329,6 +356,8 @@ def run(cfg: TrainConfig) -> dict:
         model.code_masks = PrefixMasks(catalogue.codes.numpy(), catalogue.codes_per_level, device)
     if cfg.init_embeddings:
         init_token_embeddings(model)
+    if cfg.item_embedding_init == "behaviour":
+        init_item_rows(model, catalogue, split / "train", cfg, device)
     optimizer = make_optimizer(model, cfg)
     lengths = np.array([len(w) for w in windows])
     steps_per_epoch = len(epoch_batches(lengths, cfg, 0))

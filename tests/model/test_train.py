@@ -110,3 +110,57 @@ def test_steps_per_epoch_is_refused_for_the_ray_launcher(data, tmp_path):
 
     with pytest.raises(ConfigError, match="max_steps"):
         config(data, tmp_path / "r", "steps_per_epoch=5", "launcher=ray")
+
+
+def test_item_rows_start_from_cooccurrence(data, tmp_path):
+    """item_embedding_init=behaviour: rows are the training split's co-occurrence vectors at the text vectors' norm."""
+    import numpy as np
+    import torch
+
+    from cobra_scale.model.cobra import CobraModel
+    from cobra_scale.train.data import read_sequences
+    from cobra_scale.train.trainer import init_item_rows, prepare
+
+    cfg = config(data, tmp_path / "rows", "model.item_embedding=true", "item_embedding_init=behaviour", "item_embedding_scale=2.0")
+    catalogue, _ = prepare(cfg)
+    model = CobraModel(cfg.model)
+    train = data / "splits" / "loo" / "train"
+    report = init_item_rows(model, catalogue, train, cfg, torch.device("cpu"))
+    rows = model.item_emb.weight.detach()
+    norms = rows.norm(dim=1)
+    covered = norms > 0
+    assert int(covered.sum()) == report["items_with_behaviour"] > 0
+    assert torch.allclose(norms[covered], torch.full_like(norms[covered], report["row_norm"]), rtol=1e-4)
+    with torch.no_grad():
+        text = model.eval().encoder(catalogue.tokens, catalogue.token_mask).norm(dim=1).median()
+    assert report["row_norm"] == pytest.approx(2.0 * float(text), rel=1e-3)
+    # consecutive purchases end up closer than random pairs
+    unit = torch.nn.functional.normalize(rows, dim=1)
+    pairs = [(int(a), int(b)) for seq in read_sequences(train, catalogue) for a, b in zip(seq[:-1], seq[1:]) if a != b]
+    a, b = (torch.tensor(x) for x in zip(*pairs))
+    rng = np.random.default_rng(0)
+    r = torch.from_numpy(rng.integers(0, len(catalogue), len(pairs)))
+    assert (unit[a] * unit[b]).sum(1).mean() > (unit[a] * unit[r]).sum(1).mean() + 0.1
+
+
+def test_behaviour_item_rows_train(data, tmp_path):
+    out = tmp_path / "beh"
+    run(config(data, out, "epochs=1", "model.item_embedding=true", "item_embedding_init=behaviour"))
+    model, catalogue, cfg, _ = load_run(out)
+    assert cfg.item_embedding_init == "behaviour" and model.item_emb.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["item_embedding_init=behaviour"], "needs model.item_embedding=true"),
+        (["model.item_embedding=true", "item_embedding_init=pca"], "zeros or behaviour"),
+        (["model.item_embedding=true", "item_embedding_init=behaviour", "item_embedding_scale=0"], "must be > 0"),
+        (["model.item_embedding=true", "item_embedding_init=behaviour", "launcher=ray"], "local launcher only"),
+    ],
+)
+def test_item_embedding_init_bad_settings(data, tmp_path, extra, message):
+    from cobra_scale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        config(data, tmp_path / "bad", *extra)
