@@ -18,6 +18,7 @@ SASRec's free item embeddings capture and a sparse ID shared by several items bl
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -90,12 +91,9 @@ def run(data: Path, split: str, out: Path | None, windows: list[int], decays: li
     pop = np.bincount(values, minlength=n + 1).astype(np.float64)
     valid = load_eval_set(root / "valid", catalogue, 20)
     test = load_eval_set(root / "test", catalogue, 20)
-    matrices: dict[tuple, sp.csr_matrix] = {}  # one per (window, both, normalise), shared by the decays
-
+    @functools.cache  # one matrix per (window, both, normalise), shared by the decays, the test pass and the stats
     def matrix(window: int, both: bool, norm: bool) -> sp.csr_matrix:
-        if (window, both, norm) not in matrices:
-            matrices[(window, both, norm)] = transition_matrix(values, offsets, n, window, both, norm)
-        return matrices[(window, both, norm)]
+        return transition_matrix(values, offsets, n, window, both, norm)
 
     grid = []
     cells = list(itertools.product(windows, (False, True), (False, True), decays))

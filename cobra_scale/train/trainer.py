@@ -107,8 +107,6 @@ def init_item_rows(model: CobraModel, catalogue: Catalogue, train_sequences: Pat
     from cobra_scale.semantic_ids.behaviour import behaviour_vectors
 
     dim = model.item_emb.weight.shape[1]
-    if len(catalogue) <= dim + 1:
-        raise DataError(f"item_embedding_init=behaviour needs more than {dim + 1} catalogue items (has {len(catalogue)})")
     vectors, report = behaviour_vectors(train_sequences, catalogue.item_ids, dim, cfg.item_embedding_window, cfg.seed)
     sample = min(len(catalogue), 4096)
     was_training = model.training
@@ -356,7 +354,9 @@ def run(cfg: TrainConfig) -> dict:
         model.code_masks = PrefixMasks(catalogue.codes.numpy(), catalogue.codes_per_level, device)
     if cfg.init_embeddings:
         init_token_embeddings(model)
-    if cfg.item_embedding_init == "behaviour":
+    last = out / "checkpoints" / "last"
+    resuming = cfg.resume and (last / "state.json").is_file()
+    if cfg.item_embedding_init == "behaviour" and not resuming:  # a resumed run loads its trained rows
         init_item_rows(model, catalogue, split / "train", cfg, device)
     optimizer = make_optimizer(model, cfg)
     lengths = np.array([len(w) for w in windows])
@@ -365,8 +365,7 @@ def run(cfg: TrainConfig) -> dict:
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     state = {"epoch": 0, "step": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": []}
-    last = out / "checkpoints" / "last"
-    if cfg.resume and (last / "state.json").is_file():
+    if resuming:
         load_weights(model, last)
         load_optimizer_checkpoint(model, optimizer, scheduler, torch.load(last / "optimizer.pt", map_location=device, weights_only=True))
         state = json.loads((last / "state.json").read_text())
