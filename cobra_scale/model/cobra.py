@@ -185,6 +185,18 @@ class CobraModel(nn.Module):
             raise ConfigError(f"item rows have shape {tuple(rows.shape)}, expected {tuple(self.item_emb.weight.shape)}")
         self.item_emb.weight.copy_(rows.to(self.item_emb.weight))
 
+    def init_prefix_embedding(self, level: int, rows: torch.Tensor) -> None:
+        """Overwrite ``prefix_emb[level]`` (one row per node of the ID trie at ``level``) with ``rows``."""
+        if self.prefix_emb is None:
+            raise ConfigError("init_prefix_embedding needs model.prefix_embeddings on (and the sparse path)")
+        if not 0 <= level < len(self.prefix_emb):
+            raise ConfigError(f"level {level} is not one of the model's {len(self.prefix_emb)} code levels")
+        table = self.prefix_emb[level].weight
+        if tuple(rows.shape) != tuple(table.shape):
+            raise ConfigError(f"prefix rows of level {level} have shape {tuple(rows.shape)}, expected {tuple(table.shape)}")
+        with torch.no_grad():
+            table.copy_(rows.to(table))
+
     def item_tokens(self, codes: torch.Tensor, vectors: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
         """Input embeddings of items: ``codes`` (B, S, L), ``vectors`` (B, S, d), ``positions`` (B, S)
         -> (B, S, tokens_per_item, d) in the order [c^0 .. c^{L-1}, v]."""

@@ -96,7 +96,15 @@ class TrainConfig:
         "initial text vectors; items that co-occur with none start at zero. Local launcher",
     )
     item_embedding_scale: float = field(1.0, help="norm of the behaviour-initialised item rows relative to the median initial text vector")
-    item_embedding_window: int = field(3, help="item_embedding_init=behaviour: items at most this many steps apart co-occur")
+    item_embedding_window: int = field(3, help="item_embedding_init / id_embedding_init = behaviour: items at most this many steps apart co-occur")
+    id_embedding_init: str = field(
+        "zeros",
+        help="how model.prefix_embeddings' rows (one per node of the ID trie, shared by the input tokens and the code heads) "
+        "start: zeros | behaviour = the direction of the mean co-occurrence vector of the node's items over the training split "
+        "(as item_embedding_init), at id_embedding_scale x the median norm of the initial text vectors; nodes whose items "
+        "co-occur with none start at zero. Local launcher",
+    )
+    id_embedding_scale: float = field(1.0, help="norm of the behaviour-initialised prefix rows relative to the median initial text vector")
     same_id_negatives: int = field(0, help="dense loss: add up to N other items of each target's sparse ID to the batch as hard negatives (0 = in-batch only)")
     catalogue_negatives: int = field(
         0,
@@ -152,6 +160,15 @@ class TrainConfig:
                 raise ConfigError("item_embedding_init=behaviour is built for the local launcher only")
             if self.item_embedding_scale <= 0 or self.item_embedding_window <= 0:
                 raise ConfigError("item_embedding_scale and item_embedding_window must be > 0")
+        if self.id_embedding_init not in ("zeros", "behaviour"):
+            raise ConfigError("id_embedding_init must be zeros or behaviour")
+        if self.id_embedding_init == "behaviour":
+            if not (self.model.prefix_embeddings and self.model.use_sparse):
+                raise ConfigError("id_embedding_init=behaviour needs model.prefix_embeddings=true and model.use_sparse=true")
+            if self.launcher == "ray":
+                raise ConfigError("id_embedding_init=behaviour is built for the local launcher only")
+            if self.id_embedding_scale <= 0 or self.item_embedding_window <= 0:
+                raise ConfigError("id_embedding_scale and item_embedding_window must be > 0")
         if self.catalogue_negatives and self.launcher == "ray":
             raise ConfigError("catalogue_negatives is built for the local launcher only; use same_id_negatives with launcher=ray")
         if self.device not in ("auto", "cpu", "cuda"):

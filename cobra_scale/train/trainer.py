@@ -108,18 +108,54 @@ def init_item_rows(model: CobraModel, catalogue: Catalogue, train_sequences: Pat
 
     dim = model.item_emb.weight.shape[1]
     vectors, report = behaviour_vectors(train_sequences, catalogue.item_ids, dim, cfg.item_embedding_window, cfg.seed)
-    sample = min(len(catalogue), 4096)
-    was_training = model.training
-    model.eval()  # dropout off: the norm of the vectors inference sees
-    with torch.no_grad():
-        mask = catalogue.token_mask[:sample]
-        text = model.encoder(catalogue.tokens[:sample].to(device), mask.to(device)).float()
-    model.train(was_training)
-    scale = cfg.item_embedding_scale * float(text.norm(dim=1).median())
+    scale = cfg.item_embedding_scale * text_vector_norm(model, catalogue, device)
     model.init_item_embedding(torch.from_numpy(vectors) * scale)
     report["row_norm"] = round(scale, 4)
     log.info("item rows from co-occurrence: %d of %d items, norm %.3f", report["items_with_behaviour"], report["items"], scale)
     return report
+
+
+def init_id_rows(model: CobraModel, catalogue: Catalogue, train_sequences: Path, cfg: TrainConfig, device: torch.device) -> dict:
+    """``id_embedding_init=behaviour``: the prefix rows start from co-occurrence.
+
+    The row of each node of the ID trie (a code with its prefix; hashed rows pool their
+    nodes) is the direction of the mean unit PPMI-SVD vector of its items over
+    ``train_sequences``, times ``id_embedding_scale`` x the median norm of the initial text
+    vectors (or 1 without a dense path). The rows are tied into the code heads, so an ID's
+    score starts as the similarity of the decoder state to its items' co-occurrence.
+    """
+    from cobra_scale.semantic_ids.behaviour import behaviour_vectors
+
+    dim = model.prefix_emb[0].weight.shape[1]
+    vectors, report = behaviour_vectors(train_sequences, catalogue.item_ids, dim, cfg.item_embedding_window, cfg.seed)
+    vectors = torch.from_numpy(vectors)
+    has = vectors.abs().sum(dim=1) > 0
+    scale = cfg.id_embedding_scale * (text_vector_norm(model, catalogue, device) if model.cfg.use_dense else 1.0)
+    codes = catalogue.codes.long()
+    packed = torch.zeros(len(codes), dtype=torch.long)
+    nodes = []
+    for level in range(model.cfg.levels):
+        packed = packed * catalogue.codes_per_level + codes[:, level]
+        table = model.prefix_emb[level].weight
+        rows = model.prefix_rows(level, packed)[has]
+        sums = torch.zeros(table.shape, dtype=torch.float32).index_add_(0, rows, vectors[has])
+        norms = sums.norm(dim=1, keepdim=True)
+        model.init_prefix_embedding(level, torch.where(norms > 0, sums / norms.clamp(min=1e-12), 0.0) * scale)
+        nodes.append(int((norms > 0).sum()))
+    report.update(row_norm=round(scale, 4), nodes_per_level=nodes)
+    log.info("ID rows from co-occurrence: %s nodes per level, norm %.3f", nodes, scale)
+    return report
+
+
+def text_vector_norm(model: CobraModel, catalogue: Catalogue, device: torch.device) -> float:
+    """Median norm of the model's text vectors over (up to) the first 4,096 items, dropout off."""
+    sample = min(len(catalogue), 4096)
+    was_training = model.training
+    model.eval()  # dropout off: the norm of the vectors inference sees
+    with torch.no_grad():
+        text = model.encoder(catalogue.tokens[:sample].to(device), catalogue.token_mask[:sample].to(device)).float()
+    model.train(was_training)
+    return float(text.norm(dim=1).median())
 
 
 def lr_lambda(warmup: int, total: int):
@@ -358,6 +394,8 @@ def run(cfg: TrainConfig) -> dict:
     resuming = cfg.resume and (last / "state.json").is_file()
     if cfg.item_embedding_init == "behaviour" and not resuming:  # a resumed run loads its trained rows
         init_item_rows(model, catalogue, split / "train", cfg, device)
+    if cfg.id_embedding_init == "behaviour" and not resuming:
+        init_id_rows(model, catalogue, split / "train", cfg, device)
     optimizer = make_optimizer(model, cfg)
     lengths = np.array([len(w) for w in windows])
     steps_per_epoch = len(epoch_batches(lengths, cfg, 0))

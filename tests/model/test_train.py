@@ -150,9 +150,55 @@ def test_behaviour_item_rows_train(data, tmp_path):
     assert cfg.item_embedding_init == "behaviour" and model.item_emb.weight.abs().sum() > 0
 
 
+def test_id_rows_start_from_cooccurrence(data, tmp_path):
+    """id_embedding_init=behaviour: each trie node's row is the direction of its items' mean co-occurrence vector."""
+    import torch
+
+    from cobra_scale.model.cobra import CobraModel
+    from cobra_scale.semantic_ids.behaviour import behaviour_vectors
+    from cobra_scale.train.trainer import init_id_rows, prepare
+
+    cfg = config(data, tmp_path / "ids", "id_embedding_init=behaviour", "id_embedding_scale=0.5")
+    catalogue, _ = prepare(cfg)
+    model = CobraModel(cfg.model)
+    train = data / "splits" / "loo" / "train"
+    report = init_id_rows(model, catalogue, train, cfg, torch.device("cpu"))
+    vectors = torch.from_numpy(behaviour_vectors(train, catalogue.item_ids, cfg.model.d_model, cfg.item_embedding_window, cfg.seed)[0])
+    codes = catalogue.codes.long()
+    k = catalogue.codes_per_level
+    assert len(report["nodes_per_level"]) == cfg.model.levels
+    for level in range(cfg.model.levels):
+        packed = torch.zeros(len(codes), dtype=torch.long)
+        for j in range(level + 1):
+            packed = packed * k + codes[:, j]
+        table = model.prefix_emb[level].weight.detach()
+        nodes = packed.unique()
+        assert int((table.norm(dim=1) > 0).sum()) == report["nodes_per_level"][level] <= len(nodes)
+        for node in nodes[:5].tolist():  # by hand: mean of the node's items, rescaled
+            mean = vectors[packed == node].sum(0)
+            expect = mean / mean.norm() * report["row_norm"] if mean.norm() > 0 else torch.zeros_like(mean)
+            assert torch.allclose(table[model.prefix_rows(level, torch.tensor(node))], expect, rtol=1e-4, atol=1e-5)
+    # the rows reach the code heads (tied): some logits differ from the heads' alone
+    h = torch.randn(4, cfg.model.d_model)
+    assert not torch.allclose(model.code_logits(h, 0), model.code_heads[0](h))
+
+
+def test_behaviour_id_rows_train_and_resume(data, tmp_path):
+    out = tmp_path / "beh_ids"
+    run(config(data, out, "epochs=1", "id_embedding_init=behaviour"))
+    model, _, cfg, _ = load_run(out)
+    assert cfg.id_embedding_init == "behaviour" and all(t.weight.abs().sum() > 0 for t in model.prefix_emb)
+    summary = run(config(data, out, "epochs=2", "id_embedding_init=behaviour"))  # resumes: loads the trained rows
+    assert summary["epochs"] == 2
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
+        (["id_embedding_init=behaviour", "model.prefix_embeddings=false"], "needs model.prefix_embeddings=true"),
+        (["id_embedding_init=ids"], "zeros or behaviour"),
+        (["id_embedding_init=behaviour", "id_embedding_scale=-1"], "must be > 0"),
+        (["id_embedding_init=behaviour", "launcher=ray"], "local launcher only"),
         (["item_embedding_init=behaviour"], "needs model.item_embedding=true"),
         (["model.item_embedding=true", "item_embedding_init=pca"], "zeros or behaviour"),
         (["model.item_embedding=true", "item_embedding_init=behaviour", "item_embedding_scale=0"], "must be > 0"),
