@@ -60,6 +60,17 @@ def transition_matrix(values: np.ndarray, offsets: np.ndarray, n: int, window: i
     return m.tocsr()
 
 
+def history_scores(matrix: sp.csr_matrix, histories: np.ndarray, context: int, decay: float) -> np.ndarray:
+    """(B, n) float32 transition counts out of each row's last ``context`` indices (0 = padding),
+    the most recent weighted 1, the one before ``decay``, ...; column j is index j + 1."""
+    h = histories[:, -context:]
+    weights = (decay ** np.arange(h.shape[1]))[::-1].astype(np.float32)  # oldest .. most recent
+    w = np.broadcast_to(weights, h.shape) * (h > 0)
+    rows = np.repeat(np.arange(len(h)), h.shape[1])
+    q = sp.csr_matrix((w.ravel(), (rows, h.ravel())), shape=(len(h), matrix.shape[0]))
+    return (q @ matrix).toarray()[:, 1:].astype(np.float32)
+
+
 def score_and_rank(matrix: sp.csr_matrix, histories: torch.Tensor, targets: list, item_ids: np.ndarray, pop: np.ndarray,
                    context: int, decay: float, ks: list[int], batch: int = 2048) -> dict[str, dict[str, float]]:
     """Metrics of ranking by transitions out of each row's last ``context`` items."""
@@ -67,13 +78,8 @@ def score_and_rank(matrix: sp.csr_matrix, histories: torch.Tensor, targets: list
     accs = {"kept": MetricAccumulator(ks), "masked": MetricAccumulator(ks)}
     tie = torch.from_numpy(pop[1:] / (pop.max() + 1.0) * 1e-3).float()  # < any count, > nothing
     hist = histories.numpy()
-    weights = (decay ** np.arange(context))[::-1].astype(np.float32)  # oldest .. most recent
     for start in range(0, len(hist), batch):
-        h = hist[start : start + batch, -context:]
-        w = np.broadcast_to(weights[-h.shape[1] :], h.shape) * (h > 0)
-        rows = np.repeat(np.arange(len(h)), h.shape[1])
-        q = sp.csr_matrix((w.ravel(), (rows, h.ravel())), shape=(len(h), matrix.shape[0]))
-        scores = torch.from_numpy((q @ matrix).toarray()[:, 1:].astype(np.float32)) + tie  # column j = index j+1
+        scores = torch.from_numpy(history_scores(matrix, hist[start : start + batch], context, decay)) + tie
         tg = targets[start : start + batch]
         accs["kept"].update(item_ids[topk_with_exclusion(scores, kmax).numpy()], tg)
         full = torch.from_numpy(hist[start : start + batch])

@@ -35,7 +35,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from baseline_transitions import transition_matrix  # noqa: E402
+from baseline_transitions import history_scores, transition_matrix  # noqa: E402
 
 from cobra_scale.errors import CobraError  # noqa: E402
 from cobra_scale.eval.metrics import UserMeans, topk_with_exclusion, user_metrics  # noqa: E402
@@ -51,14 +51,10 @@ def summary(m: UserMeans) -> dict[str, float]:
     return {**m.mean(), **{f"{k}_ci95": v for k, v in m.half_width().items()}}
 
 
-def count_scores(matrix: sp.csr_matrix, history: np.ndarray, n: int, context: int, decay: float) -> torch.Tensor:
-    """(B, n) transition scores out of each row's last ``context`` items, normalised to sum 1 (0 rows stay 0)."""
-    h = history[:, -context:]
-    weights = (decay ** np.arange(h.shape[1]))[::-1].astype(np.float32)
-    w = np.broadcast_to(weights, h.shape) * (h >= 0)
-    rows = np.repeat(np.arange(len(h)), h.shape[1])
-    q = sp.csr_matrix((w.ravel(), (rows, np.clip(h, 0, None).ravel())), shape=(len(h), matrix.shape[0]))
-    s = torch.from_numpy((q @ matrix).toarray()[:, :n].astype(np.float32))
+def count_scores(matrix: sp.csr_matrix, history: np.ndarray, context: int, decay: float) -> torch.Tensor:
+    """(B, n) transition scores out of each row's last ``context`` items (catalogue indices,
+    -1 padding; ``matrix`` indexed by catalogue index + 1), normalised to sum 1 (0 rows stay 0)."""
+    s = torch.from_numpy(history_scores(matrix, history + 1, context, decay))
     return s / s.sum(1, keepdim=True).clamp(min=1e-12)
 
 
@@ -80,7 +76,7 @@ def score_users(rec, examples, matrix, lams, params, args, pop_tie: torch.Tensor
         h = examples.history[start : start + args.batch_users]
         targets = examples.targets[start : start + args.batch_users]
         pc = cobra_scores(rec, h, n, args.candidates, params)
-        pt = count_scores(matrix, h.numpy(), n, args.context, args.decay)
+        pt = count_scores(matrix, h.numpy(), args.context, args.decay)
         first = np.array([t[0] for t in targets])
         cov.update({"target_in_cobra_candidates": (pc[torch.arange(len(first)), torch.from_numpy(first)] > 0).numpy().astype(float)},
                    np.ones(len(first), bool))
@@ -131,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     n = len(catalogue)
     values = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
-    matrix = transition_matrix(values, offsets, n, args.window, False, False)
+    matrix = transition_matrix(values + 1, offsets, n, args.window, False, False)  # index 0 = padding
     pop = np.bincount(values, minlength=n).astype(np.float32)
     pop_tie = torch.from_numpy(pop / (pop.max() + 1.0) * 1e-6)
     rec = make_recommender(model, catalogue, device)

@@ -27,10 +27,10 @@ def tool():
 
 
 def test_count_scores_by_hand(tool):
-    # 3 items; counts 0->1: 2, 0->2: 1, 1->2: 4 (row n is the tool's unused padding row)
-    m = sp.csr_matrix(np.array([[0, 2, 1, 0], [0, 0, 4, 0], [0, 0, 0, 0], [0, 0, 0, 0]], np.float32))
+    # 3 items; counts 0->1: 2, 0->2: 1, 1->2: 4 (the matrix is indexed by item + 1; row/column 0 is padding)
+    m = sp.csr_matrix(np.array([[0, 0, 0, 0], [0, 0, 2, 1], [0, 0, 0, 4], [0, 0, 0, 0]], np.float32))
     history = np.array([[-1, 0, 1], [-1, -1, 2]])
-    s = tool.count_scores(m, history, 3, context=2, decay=0.5).numpy()
+    s = tool.count_scores(m, history, context=2, decay=0.5).numpy()
     raw = 0.5 * np.array([0, 2, 1]) + 1.0 * np.array([0, 0, 4])  # the older item weighted by decay
     assert np.allclose(s[0], raw / raw.sum())
     assert np.allclose(s[1], 0)  # item 2 is followed by nothing: no mass, not NaN
