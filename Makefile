@@ -41,6 +41,7 @@ BEAUTY_SRC ?= ../shared/datasets/amazon-beauty
 beauty: install
 	$(BIN)/cobra data amazon --src $(BEAUTY_SRC) --out data/beauty
 	$(BIN)/cobra ids --items data/beauty/items.parquet --out data/beauty/ids
+	$(BIN)/cobra ids --items data/beauty/items.parquet --out data/beauty/ids_beh behaviour.sequences=data/beauty/splits/loo/train
 
 test: install
 	$(BIN)/python -m pytest -q tests
