@@ -82,6 +82,17 @@ class Temperature(nn.Module):
         return self.log_temperature.exp().clamp(min=1e-3)[0]
 
 
+class RepeatBias(nn.Module):
+    """``repeat_bias``: one learned logit offset per code level (zero-initialised; a module, as :class:`Temperature`)."""
+
+    def __init__(self, levels: int):
+        super().__init__()
+        self.logit = nn.Parameter(torch.zeros(levels))
+
+    def forward(self, level: int) -> torch.Tensor:
+        return self.logit[level]
+
+
 class CobraModel(nn.Module):
     def __init__(self, cfg: CobraConfig):
         super().__init__()
@@ -110,6 +121,8 @@ class CobraModel(nn.Module):
         self.item_emb = nn.Embedding(cfg.catalogue_items, d) if cfg.item_embedding else None
         if self.item_emb is not None:
             nn.init.zeros_(self.item_emb.weight)
+        # repeat_bias: one learned logit offset per level for codes that extend the prefix of a history item's ID
+        self.repeat = RepeatBias(L) if cfg.repeat_bias and cfg.use_sparse else None
         self.type_emb = nn.Embedding(L + 1, d)  # levels 0..L-1, then "dense"
         self.pos_emb = nn.Embedding(cfg.max_items, d)
         self.dense_in = nn.Linear(d, d)
@@ -140,6 +153,8 @@ class CobraModel(nn.Module):
         old = prefix + "log_temperature"  # weights saved before the temperature became a module
         if old in state_dict:
             state_dict[prefix + "temp.log_temperature"] = state_dict.pop(old).reshape(1)
+        if prefix + "repeat_logit" in state_dict:  # a development name of repeat.logit
+            state_dict[prefix + "repeat.logit"] = state_dict.pop(prefix + "repeat_logit")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def prefix_rows(self, level: int, packed: torch.Tensor) -> torch.Tensor:
@@ -149,12 +164,29 @@ class CobraModel(nn.Module):
             return packed
         return torch.remainder(packed * 2654435761, rows)  # multiplicative hash of deep tries
 
-    def code_logits(self, h: torch.Tensor, level: int, prefix: torch.Tensor | None = None) -> torch.Tensor:
+    def history_nodes(self, codes: torch.Tensor, valid: torch.Tensor, level: int) -> torch.Tensor:
+        """History IDs cut at ``level``: ``codes`` (..., S, L), ``valid`` (..., S) -> (..., S) codes 0..level
+        packed into one int64, -1 where the item is padding (the ``history`` of :meth:`code_logits`)."""
+        packed = torch.zeros_like(codes[..., 0])
+        for j in range(level + 1):
+            packed = packed * self.cfg.codes + codes[..., j].clamp(min=0)
+        return packed.masked_fill(~valid, -1)
+
+    def code_logits(self, h: torch.Tensor, level: int, prefix: torch.Tensor | None = None, history: torch.Tensor | None = None) -> torch.Tensor:
         """(P, d) hidden states -> (P, K) logits of the code of ``level``.
 
         ``prefix`` (P,) packs the codes of levels < ``level`` (needed with prefix embeddings).
+        ``history`` (P, S), the :meth:`history_nodes` of each row's history items at ``level``
+        (-1 = none), adds the learned ``repeat_bias`` to the codes that extend the prefix into
+        one of them (ignored when the model has no repeat bias).
         """
         logits = self.code_heads[level](h)
+        if self.repeat is not None and history is not None:
+            k = self.cfg.codes
+            base = prefix if prefix is not None else torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
+            want = base[:, None] * k + torch.arange(k, device=h.device)  # (P, K) the node each code would make
+            seen = (want[:, :, None] == history[:, None, :]).any(-1)  # (P, K)
+            logits = logits + self.repeat(level).to(logits.dtype) * seen.to(logits.dtype)
         if self.prefix_emb is not None:
             k = self.cfg.codes
             base = prefix if prefix is not None else torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
@@ -258,8 +290,16 @@ class CobraModel(nn.Module):
             prefix = torch.zeros_like(target_codes[:, 0])
             if cfg.constrained_codes and self.code_masks is None:
                 raise ValueError("model.constrained_codes needs the catalogue's ID trie: set model.code_masks (a PrefixMasks) first")
+            earlier = None
+            if self.repeat is not None:  # (B, S-1, S): for the target at t, items 0..t-1 of the same row
+                s_ar = torch.arange(s, device=seq.device)
+                earlier = (s_ar[None, :] < s_ar[1:, None])[None] & valid[:, None, :]
             for level in range(L):
-                logits = self.code_logits(pred_in[:, level], level, prefix)
+                hist = None
+                if earlier is not None:
+                    nodes = self.history_nodes(codes, valid, level)  # (B, S)
+                    hist = nodes[:, None, :].expand(b, s - 1, s).masked_fill(~earlier, -1)[target_ok]  # (P, S)
+                logits = self.code_logits(pred_in[:, level], level, prefix, hist)
                 if cfg.constrained_codes:
                     logits = logits.masked_fill(~self.code_masks.mask(level, prefix), float("-inf"))
                 ce = F.cross_entropy(logits, target_codes[:, level])
@@ -310,13 +350,15 @@ class CobraModel(nn.Module):
         h, cache = self.decoder(x[:, None], torch.ones_like(code, dtype=torch.bool)[:, None], cache)
         return h[:, 0], cache
 
-    def code_logprobs(self, h: torch.Tensor, level: int, prefix: torch.Tensor | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    def code_logprobs(
+        self, h: torch.Tensor, level: int, prefix: torch.Tensor | None = None, allowed: torch.Tensor | None = None, history: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, d) -> (B, K) log-probabilities of the code of ``level`` given the ``prefix`` (B,) of codes < level.
 
         With ``allowed`` (B, K) bool, the softmax is over the allowed codes only (disallowed ones get -inf;
-        a row with none allowed is all -inf).
+        a row with none allowed is all -inf). ``history`` as in :meth:`code_logits`.
         """
-        logits = self.code_logits(h, level, prefix).float()
+        logits = self.code_logits(h, level, prefix, history).float()
         if allowed is None:
             return F.log_softmax(logits, dim=-1)
         # masking afterwards too turns the NaN of a row with no allowed code into -inf

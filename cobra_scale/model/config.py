@@ -43,6 +43,12 @@ class CobraConfig:
         help="add a free per-item embedding (zero-initialised, one row per catalogue item) to the text encoder's vector; "
         "items added after training (cold start) keep their text vector alone. Not in the paper, where the dense vector is text only",
     )
+    repeat_bias: bool = field(
+        False,
+        help="a learned bias per code level on the logit of a code whose ID prefix (codes 0..level) is that of one of the "
+        "user's history items, in training and in beam search: the model learns from the data how much the next item "
+        "repeats an ID already in the history (a repeat/explore term, not in the paper; zero-initialised)",
+    )
     catalogue_items: int = field(0, help="rows of the per-item embedding (set from the catalogue when item_embedding is on)")
     constrained_codes: bool = field(
         False,
@@ -62,6 +68,8 @@ class CobraConfig:
             raise ConfigError("prefix_rows must be >= 1")
         if self.text_pooling not in ("cls", "mean"):
             raise ConfigError("text_pooling must be cls or mean")
+        if self.repeat_bias and not self.use_sparse:
+            raise ConfigError("model.repeat_bias acts on the sparse IDs: it needs model.use_sparse=true")
         if self.catalogue_items < 0:
             raise ConfigError("catalogue_items must be >= 0")
         if self.temperature <= 0:

@@ -345,3 +345,78 @@ def test_liger_mode_ranks_a_cold_item_equal_to_the_prediction_first():
     items, _ = rec.recommend(hist, 5, InferenceParams(mode="liger", beams=2))
     got = [i for i in items[0].tolist() if i >= 0]
     assert 12 not in got and len(got) == len(set(got))
+
+
+def test_repeat_bias_is_added_to_the_codes_that_extend_the_prefix_into_a_history_id():
+    model = tiny_model(repeat_bias=True)
+    with torch.no_grad():
+        model.repeat.logit.copy_(torch.tensor([0.5, -2.0]))
+    h = torch.randn(2, D)
+    prefix = torch.tensor([1, 2])
+    history = torch.tensor([[1 * K + 3, 2 * K + 0], [-1, 2 * K + 1]])  # packed level-1 nodes of each row's history
+    want = model.code_logits(h, 1, prefix).clone()
+    want[0, 3] -= 2.0  # row 0: prefix 1 + code 3 is a history ID; (2, 0) is not under prefix 1
+    want[1, 1] -= 2.0
+    torch.testing.assert_close(model.code_logits(h, 1, prefix, history), want)
+    level0 = model.code_logits(h, 0, None, torch.tensor([[3, 3], [-1, 0]]))
+    torch.testing.assert_close(level0 - model.code_logits(h, 0), torch.tensor([[0, 0, 0, 0.5], [0.5, 0, 0, 0]]))
+    # the nodes come from the history codes, padding -1
+    codes = torch.tensor([[[1, 3], [2, 0]]])
+    assert model.history_nodes(codes, torch.tensor([[False, True]]), 1).tolist() == [[-1, 2 * K + 0]]
+
+
+def test_repeat_bias_in_training_sees_only_earlier_items_and_learns():
+    model = tiny_model(repeat_bias=True)
+    plain = tiny_model(repeat_bias=False)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "repeat.logit"})
+    no_repeat, repeat = [[1, 2, 3, 5]], [[1, 2, 3, 1]]  # the last target repeats the first item's ID
+    # zero-initialised: the same losses as a model without it
+    assert float(model(batch(no_repeat)).sparse.detach()) == pytest.approx(float(plain(batch(no_repeat)).sparse.detach()), abs=1e-6)
+    with torch.no_grad():
+        model.repeat.logit.copy_(torch.tensor([0.0, -50.0]))
+    # no target repeats an earlier ID: the penalty only removes mass from other codes (the target and the
+    # future are not counted as history, or the loss would jump by ~50 / predictions)
+    assert float(model(batch(no_repeat)).sparse.detach()) <= float(plain(batch(no_repeat)).sparse.detach()) + 1e-6
+    out = model(batch(repeat))
+    assert out.sparse_per_level[1] > 50 / 3 - 1  # one of the three level-1 targets is a penalised history ID
+    out.total.backward()
+    assert model.repeat.logit.grad[1] < 0  # descending the gradient raises the penalised logit back
+
+
+def test_beam_search_with_repeat_bias_avoids_history_ids_and_m1_equals_greedy():
+    model = tiny_model(repeat_bias=True)
+    tokens, mask, codes = catalogue()
+    vec = model.encode_items(tokens, mask)
+    masks = PrefixMasks(codes.numpy(), K)
+    hist = torch.tensor([[-1, 0, 1], [2, 3, 4]])
+    valid = hist >= 0
+    h_codes, h_vec = codes[hist.clamp(min=0)], vec[hist.clamp(min=0)]
+    plain = tiny_model(repeat_bias=False)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "repeat.logit"})
+    same = beam_search(model, h_codes, h_vec, valid, masks, beams=6)
+    torch.testing.assert_close(same.scores, beam_search(plain, h_codes, h_vec, valid, masks, beams=6).scores)
+    with torch.no_grad():
+        model.repeat.logit.copy_(torch.tensor([0.0, -1e4]))
+    beams = beam_search(model, h_codes, h_vec, valid, masks, beams=6)
+    sids = codes[:, 0] * K + codes[:, 1]
+    for row in range(2):
+        seen = set(sids[hist[row][hist[row] >= 0]].tolist())
+        assert not seen & set(beams.sids[row].tolist())
+    one = beam_search(model, h_codes, h_vec, valid, masks, beams=1)
+    assert torch.equal(one.codes[:, 0], greedy_decode(model, h_codes, h_vec, valid, masks))
+
+
+def test_repeat_bias_needs_the_sparse_path():
+    from cobra_scale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="repeat_bias"):
+        tiny_model(repeat_bias=True, use_sparse=False)
+
+
+def test_repeat_bias_loads_from_its_development_name():
+    model = tiny_model(repeat_bias=True)
+    state = dict(model.state_dict())
+    state["repeat_logit"] = torch.tensor([0.25, -1.5])
+    del state["repeat.logit"]
+    model.load_state_dict(state)
+    assert model.repeat.logit.tolist() == [0.25, -1.5]
