@@ -59,6 +59,7 @@ COMMANDS: dict[str | None, dict[str, Command]] = {
         "recommend": Command("cobra_scale.train.configs:RecommendConfig", "cobra_scale.retrieve.recommend_cli:run"),
         "serve": Command("cobra_scale.serve.configs:ServeConfig", "cobra_scale.serve.run_serve:run"),
         "index": Command("cobra_scale.retrieve.configs:IndexConfig", "cobra_scale.retrieve.build:run"),
+        "prior": Command("cobra_scale.retrieve.configs:PriorConfig", "cobra_scale.retrieve.prior:run"),
     },
 }
 

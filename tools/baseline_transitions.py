@@ -36,39 +36,7 @@ from cobra_scale.baselines.sasrec import Catalogue, _list_column, load_eval_set 
 from cobra_scale.data.io import read_table  # noqa: E402
 from cobra_scale.errors import CobraError  # noqa: E402
 from cobra_scale.eval.metrics import MetricAccumulator, topk_with_exclusion  # noqa: E402
-
-
-def transition_matrix(values: np.ndarray, offsets: np.ndarray, n: int, window: int, both: bool, normalise: bool) -> sp.csr_matrix:
-    """(n+1, n+1) counts of index b following index a within ``window`` steps (+ preceding if ``both``)."""
-    rows, cols = [], []
-    seq_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    for d in range(1, window + 1):
-        same = seq_of[:-d] == seq_of[d:] if len(values) > d else np.zeros(0, bool)
-        a, b = values[:-d][same], values[d:][same]
-        rows.append(a)
-        cols.append(b)
-        if both:
-            rows.append(b)
-            cols.append(a)
-    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    m = sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(n + 1, n + 1))
-    m.sum_duplicates()
-    if normalise:
-        deg = np.asarray(m.sum(axis=1)).ravel()
-        m = sp.diags(np.where(deg > 0, 1.0 / np.maximum(deg, 1e-12), 0.0).astype(np.float32)) @ m
-    return m.tocsr()
-
-
-def history_scores(matrix: sp.csr_matrix, histories: np.ndarray, context: int, decay: float) -> np.ndarray:
-    """(B, n) float32 transition counts out of each row's last ``context`` indices (0 = padding),
-    the most recent weighted 1, the one before ``decay``, ...; column j is index j + 1."""
-    h = histories[:, -context:]
-    weights = (decay ** np.arange(h.shape[1]))[::-1].astype(np.float32)  # oldest .. most recent
-    w = np.broadcast_to(weights, h.shape) * (h > 0)
-    rows = np.repeat(np.arange(len(h)), h.shape[1])
-    q = sp.csr_matrix((w.ravel(), (rows, h.ravel())), shape=(len(h), matrix.shape[0]))
-    return (q @ matrix).toarray()[:, 1:].astype(np.float32)
+from cobra_scale.retrieve.prior import history_scores, transition_matrix  # noqa: E402,F401  (tools/fuse_transitions.py imports them from here)
 
 
 def score_and_rank(matrix: sp.csr_matrix, histories: torch.Tensor, targets: list, item_ids: np.ndarray, pop: np.ndarray,

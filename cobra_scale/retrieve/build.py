@@ -153,13 +153,15 @@ def load_recommender(run: str | Path, index: str | Path | None = None, device: s
     """``(Recommender, Catalogue, TrainConfig, torch.device)`` of a run, optionally on its IVF index.
 
     With an index folder holding ``items.safetensors`` the catalogue is not tokenised and
-    items are not re-encoded (the catalogue returned has ids and codes, no tokens).
+    items are not re-encoded (the catalogue returned has ids and codes, no tokens). The run's
+    transition prior (``<run>/prior``, `cobra prior`) is attached when it fits the catalogue.
     """
     from cobra_scale.config import load_config
     from cobra_scale.devices import pick_device
     from cobra_scale.errors import CobraError
     from cobra_scale.model.cobra import CobraModel
     from cobra_scale.retrieve.faiss_index import IdIvfIndex
+    from cobra_scale.retrieve.prior import load_or_build
     from cobra_scale.retrieve.recommender import Recommender
     from cobra_scale.train.configs import TrainConfig
     from cobra_scale.train.data import Catalogue
@@ -172,7 +174,8 @@ def load_recommender(run: str | Path, index: str | Path | None = None, device: s
         vectors = encode_catalogue(model, catalogue, dev) if model.cfg.use_dense else None
         if ivf is not None and len(ivf) != len(catalogue):
             raise DataError(f"index {index} holds {len(ivf)} items, the run's catalogue {len(catalogue)}")
-        return Recommender(model, catalogue.codes.to(dev), vectors, index=ivf), catalogue, tcfg, dev
+        prior = load_or_build(run, catalogue.item_ids, build=False)
+        return Recommender(model, catalogue.codes.to(dev), vectors, index=ivf, prior=prior), catalogue, tcfg, dev
     run = Path(run)
     if not (run / "best" / "model.safetensors").is_file():
         raise CobraError(f"{run} has no best/model.safetensors (train first with `cobra train`)")
@@ -187,4 +190,5 @@ def load_recommender(run: str | Path, index: str | Path | None = None, device: s
     load_weights(model, run / "best")
     empty = torch.zeros(len(item_ids), 0, dtype=torch.long)
     catalogue = Catalogue(item_ids, empty, empty, codes, k or tcfg.model.codes)
-    return Recommender(model.eval(), codes.to(dev), vectors.to(dev), index=ivf), catalogue, tcfg, dev
+    prior = load_or_build(run, item_ids, build=False)
+    return Recommender(model.eval(), codes.to(dev), vectors.to(dev), index=ivf, prior=prior), catalogue, tcfg, dev

@@ -44,3 +44,21 @@ class IndexConfig:
             raise ConfigError("pq_m and train_size must be >= 1, pq_bits in [1, 16]")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("device must be auto|cpu|cuda")
+
+
+@dataclass
+class PriorConfig:
+    """``cobra prior``: count a run's training transitions (item b after item a) into ``<run>/prior``, for ``prior_weight``."""
+
+    run: str = field(help="run folder of `cobra train` (its data and split name the training sequences)")
+    index: Optional[str] = field(None, help="index folder with items.safetensors: take the catalogue from there (no tokenising)")
+    window: int = field(3, help="b counts when it follows a within this many steps")
+    context: int = field(3, help="last history items whose transitions score a user")
+    decay: float = field(0.3, help="weight of each older context item relative to the next (most recent = 1)")
+    overwrite: bool = field(False, help="recount an existing <run>/prior")
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.context < 1:
+            raise ConfigError("window and context must be >= 1")
+        if not 0 < self.decay <= 1:
+            raise ConfigError("decay must lie in (0, 1]")

@@ -35,6 +35,8 @@ class InferenceParams:
     psi: float = 20.0  # BeamFusion temperature on cosine
     normalize: str = "per_beam"  # BeamFusion's cosine softmax: "per_beam" (P(ID) x P(item | ID)) | "global"
     exclude_history: bool = False  # mask the user's own history items from the ranking
+    prior_weight: float = 0.0  # cobra mode: weight of the transition prior mixed into BeamFusion (retrieve/prior.py; 0 = the paper)
+    prior_candidates: int = 200  # the prior's top items that join COBRA's candidates when prior_weight > 0
 
 
 class Recommender:
@@ -45,6 +47,8 @@ class Recommender:
         item_codes: (N, L) long codes of every catalogue item.
         item_vectors: (N, d) dense vectors of every item (from ``model.encode_items``).
         index: an index over the item vectors keyed by packed ID (default: exact, in memory).
+        prior: an item-to-item :class:`~cobra_scale.retrieve.prior.TransitionPrior` over the same
+            catalogue, mixed into the cobra mode's ranking when ``InferenceParams.prior_weight > 0``.
     """
 
     def __init__(
@@ -54,8 +58,12 @@ class Recommender:
         item_vectors: torch.Tensor | None,
         index: ExactIdIndex | None = None,
         cold_items: torch.Tensor | None = None,
+        prior=None,
     ):
         self.model = model.eval()
+        if prior is not None and prior.spec.items != len(item_codes):
+            raise ValueError(f"the transition prior covers {prior.spec.items} items, the catalogue {len(item_codes)}")
+        self.prior = prior
         self.cold_items = cold_items  # (Nc,) catalogue indices of items unseen in training (LIGER mode)
         self.codes = item_codes
         self.vectors = item_vectors
@@ -96,6 +104,7 @@ class Recommender:
             raise ValueError("mode sparse_only needs a model trained w/o Dense on item-unique IDs (model.use_dense=false dedup_level=true)")
         if mode in ("cobra", "no_fusion", "dense_only", "liger") and self.index is None:
             raise ValueError(f"mode {mode} needs dense item vectors; this model was trained without them (use sparse_only)")
+        self._check_prior(params)
         codes, vectors, valid = self._history_inputs(history)
         exclude = history if params.exclude_history else None
         if mode == "dense_only":
@@ -109,7 +118,23 @@ class Recommender:
             return self._liger(beams, k, exclude)
         if mode == "sparse_only":
             return self._sparse_ranking(beams, k, exclude)
-        return self._fuse(self._exclude(self._cobra_candidates(beams), exclude), k, params)
+        return self._fuse(self._exclude(self._cobra_candidates(beams), exclude), k, params, self._prior_top(history, [params]), exclude)
+
+    def _check_prior(self, params: InferenceParams) -> None:
+        if not 0 <= params.prior_weight <= 1:
+            raise ValueError(f"prior_weight must lie in [0, 1], got {params.prior_weight}")
+        if params.prior_weight > 0:
+            if params.mode != "cobra":
+                raise ValueError(f"prior_weight applies to mode cobra, not {params.mode}")
+            if self.prior is None:
+                raise ValueError("prior_weight > 0 needs a transition prior (build one with `cobra prior --run RUN`)")
+            if params.prior_candidates < 1:
+                raise ValueError("prior_candidates must be >= 1")
+
+    def _prior_top(self, history: torch.Tensor, settings: list[InferenceParams]):
+        """The prior's top items of each user (items, p), for the largest ``prior_candidates`` asked, or None."""
+        want = [p.prior_candidates for p in settings if p.prior_weight > 0]
+        return self.prior.top(history, max(want)) if want else None
 
     def _sparse_ranking(self, beams, k: int, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """w/o Dense: each beam's ID names one item; items in beam order."""
@@ -139,13 +164,23 @@ class Recommender:
         return beam_scores, cand, cos.masked_fill(hit.any(-1), float("-inf"))
 
     @staticmethod
-    def _fuse(candidates, k: int, params: InferenceParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """BeamFusion of :meth:`_cobra_candidates`, top ``k``."""
+    def _fuse(candidates, k: int, params: InferenceParams, prior_top=None, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """BeamFusion of :meth:`_cobra_candidates`, top ``k``; mixed with the prior's ``prior_top``
+        (items, p) when ``params.prior_weight > 0`` (history items of ``exclude`` removed from both)."""
         beam_scores, cand, cos = candidates
         b = cand.shape[0]
         fused = beam_fusion(beam_scores, cos, params.tau, params.psi, params.normalize)
         fused = fused.masked_fill(~torch.isfinite(cos), float("-inf"))
-        return _topk_padded(cand.view(b, -1), fused.view(b, -1), k)
+        items, scores = cand.view(b, -1), fused.view(b, -1)
+        if params.prior_weight > 0:
+            from cobra_scale.retrieve.prior import mix
+
+            p_items, p = prior_top[0][:, : params.prior_candidates], prior_top[1][:, : params.prior_candidates]
+            if exclude is not None:
+                hit = ((p_items[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)).any(-1)
+                p_items = p_items.masked_fill(hit, -1)
+            items, scores = mix(items, scores, p_items, p.to(scores.dtype), params.prior_weight)
+        return _topk_padded(items, scores, k)
 
     @torch.no_grad()
     def recommend_many(self, history: torch.Tensor, k: int, settings: list[InferenceParams]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -157,6 +192,9 @@ class Recommender:
         """
         out: list = [None] * len(settings)
         shared: dict[tuple[str, int], list[int]] = {}
+        for p in settings:
+            self._check_prior(p)
+        prior_top = self._prior_top(history, settings)
         for i, p in enumerate(settings):
             if (p.mode == "cobra" and self.index is not None) or (p.mode == "sparse_only" and self.sid_to_item is not None):
                 shared.setdefault((p.mode, p.beams), []).append(i)
@@ -171,7 +209,8 @@ class Recommender:
                 continue
             candidates = self._cobra_candidates(beams)
             for i in members:
-                out[i] = self._fuse(self._exclude(candidates, history if settings[i].exclude_history else None), k, settings[i])
+                exclude = history if settings[i].exclude_history else None
+                out[i] = self._fuse(self._exclude(candidates, exclude), k, settings[i], prior_top, exclude)
         return out
 
     def _liger(self, beams, k: int, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,6 +48,8 @@ class Settings(BaseModel):
     psi: float = Field(20.0, gt=0, allow_inf_nan=False)
     normalize: Literal["global", "per_beam"] = "per_beam"
     exclude_history: bool = False
+    prior_weight: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+                                description="mode cobra: weight of the run's transition prior (`cobra prior`) mixed into BeamFusion; 0 = the paper's COBRA")
     max_batch_size: int = Field(32, ge=1, description="requests per batched beam search (1 = no batching)")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default)")
@@ -97,7 +99,10 @@ class ModelEngine:
         load_weights(model, self.run / "best")
         vectors = self.bundle.vectors.to(self.device) if (cfg.model.use_dense and self.bundle.vectors is not None) else None
         index = index_factory(self.bundle) if (index_factory is not None and vectors is not None) else None
-        self.recommender = Recommender(model, self.bundle.codes.to(self.device), vectors, index)
+        from cobra_scale.retrieve.prior import load_or_build
+
+        prior = load_or_build(self.run, self.bundle.item_ids, build=False)
+        self.recommender = Recommender(model, self.bundle.codes.to(self.device), vectors, index, prior=prior)
         self.max_history = cfg.model.max_items - 1
         self.modes = available_modes(cfg.model.use_sparse, cfg.model.use_dense)
         self.key = self.bundle.key
@@ -129,7 +134,10 @@ class ModelEngine:
         mode = pick("mode")
         if mode not in self.modes:
             raise Refusal(422, f"mode: {mode!r} is not available for this model (available: {', '.join(self.modes)})")
-        params = InferenceParams(mode, int(pick("beams")), float(pick("tau")), float(pick("psi")), settings.normalize, bool(pick("exclude_history")))
+        weight = settings.prior_weight if mode == "cobra" else 0.0
+        if weight > 0 and self.recommender.prior is None:
+            raise Refusal(503, f"prior_weight is {weight} but the served run has no transition prior (build it: `cobra prior --run {self.run}`)")
+        params = InferenceParams(mode, int(pick("beams")), float(pick("tau")), float(pick("psi")), settings.normalize, bool(pick("exclude_history")), weight)
         return Prepared(idx, int(request.get("k", 10)), params)
 
     # ------------------------------------------------------------------ batched
@@ -167,6 +175,7 @@ class ModelEngine:
             "beams": p.beams,
             "tau": p.tau,
             "psi": p.psi,
+            "prior_weight": p.prior_weight,
             "history_length": int(len(req.history)),
         }
 
@@ -178,6 +187,7 @@ class ModelEngine:
             "max_history": self.max_history,
             "modes": list(self.modes),
             "device": str(self.device),
+            "prior": self.recommender.prior is not None,
         }
 
 

@@ -20,8 +20,14 @@ class InferenceConfig:
     tau: float = field(1.0, help="BeamFusion temperature on beam scores")
     psi: float = field(20.0, help="BeamFusion temperature on cosine similarity")
     normalize: str = field("per_beam", help="BeamFusion's cosine softmax over the candidates of each beam ('per_beam': P(ID) x P(item | ID)) or of all beams ('global')")
+    prior_weight: float = field(
+        0.0, help="cobra mode: weight λ of the run's item-to-item transition prior (`cobra prior`) mixed into BeamFusion, "
+        "(1-λ)·BeamFusion + λ·prior; 0 = the paper's COBRA (a hybrid beyond the paper when > 0)",
+    )
 
     def __post_init__(self) -> None:
+        if not 0 <= self.prior_weight <= 1:
+            raise ConfigError("inference.prior_weight must lie in [0, 1]")
         if self.mode not in ("cobra", "no_fusion", "dense_only", "sparse_only", "liger"):
             raise ConfigError(f"inference.mode must be cobra|no_fusion|dense_only|sparse_only|liger, got '{self.mode}'")
         if self.beams <= 0:
@@ -192,6 +198,7 @@ class EvalConfig:
     grid_psi: list = field([], help="psi values tried on valid (empty = the run's)")
     grid_beams: list = field([], help="beam counts tried on valid (empty = the run's); one value sets it (cobra, sparse_only, liger)")
     grid_normalize: list = field([], help="BeamFusion normalisations tried on valid: per_beam and/or global (empty = the run's)")
+    grid_prior_weight: list = field([], help="weights of the transition prior tried on valid, in [0, 1] (empty = the run's, 0); a weight > 0 counts <run>/prior if missing")
     modes: list = field(["cobra"], help="inference modes to report")
     ks: list = field([5, 10], help="cut-offs K of Recall/NDCG/diversity@K (e.g. ks=[50,100,200,500,800])")
     select_on: str = field("", help="validation metric that picks tau/psi/beams (default ndcg@10, else ndcg@<smallest K>)")
@@ -227,6 +234,12 @@ class EvalConfig:
         bad = [n for n in self.grid_normalize if n not in ("per_beam", "global")]
         if bad:
             raise ConfigError(f"grid_normalize takes per_beam and/or global, got {bad}")
+        try:
+            weights = [float(w) for w in self.grid_prior_weight]
+        except (TypeError, ValueError):
+            raise ConfigError(f"grid_prior_weight takes numbers in [0, 1], got {list(self.grid_prior_weight)}") from None
+        if any(not 0 <= w <= 1 for w in weights):
+            raise ConfigError(f"grid_prior_weight takes numbers in [0, 1], got {weights}")
         if self.valid_users < -1:
             raise ConfigError("valid_users must be >= -1")
         if self.max_users < 0 or self.batch_users <= 0:

@@ -175,3 +175,46 @@ def test_diversity_ids_count_another_id_table(run, tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "bad"), "ks=[5,10]", f"diversity_ids={tmp_path / 'short'}"]) == 2
     assert "have no ID" in capsys.readouterr().err
+
+
+def test_prior_command_and_the_eval_grid_over_prior_weights(run, tmp_path, capsys):
+    """`cobra prior` counts the run's training transitions; `cobra eval` chooses the prior weight on valid;
+    weight 0 reproduces the plain COBRA figures; serving mixes the prior in only when asked."""
+    import shutil
+
+    from cobra_scale.retrieve.build import load_recommender
+    from cobra_scale.retrieve.prior import TransitionPrior
+    from cobra_scale.serve.engine import ModelEngine, Refusal, Settings
+
+    work = tmp_path / "run"
+    shutil.copytree(run, work)
+    assert main(["prior", "--run", str(work)]) == 0
+    prior = TransitionPrior.load(work / "prior")
+    assert prior.spec.window == 3 and prior.spec.sequences > 0 and prior.matrix.nnz > 0
+    assert main(["prior", "--run", str(work)]) == 2
+    assert "already holds a prior" in capsys.readouterr().err
+    assert main(["prior", "--run", str(work), "decay=0"]) == 2
+    rec, *_ = load_recommender(work)
+    assert rec.prior is not None and rec.prior.spec == prior.spec
+    out = tmp_path / "ev"
+    assert main(["eval", "--run", str(work), "--out", str(out), "--max-users", "60", "grid_beams=[8]", "grid_prior_weight=[0,0.5,1]"]) == 0
+    res = json.loads((out / "eval_test.json").read_text())["modes"]["cobra"]
+    weights = [g["prior_weight"] for g in res["valid_grid"]]
+    assert weights == [0, 0.5, 1]
+    best = max(res["valid_grid"], key=lambda g: g["ndcg@10"])
+    assert res["chosen_on_valid"]["prior_weight"] == best["prior_weight"]
+    plain = tmp_path / "plain"
+    assert main(["eval", "--run", str(work), "--out", str(plain), "--max-users", "60", "grid_beams=[8]", "split_name=valid"]) == 0
+    zero = [g for g in res["valid_grid"] if g["prior_weight"] == 0][0]
+    assert json.loads((plain / "eval_valid.json").read_text())["modes"]["cobra"]["history_not_masked"]["ndcg@10"] == pytest.approx(zero["ndcg@10"])
+    assert main(["eval", "--run", str(work), "grid_prior_weight=[2]"]) == 2
+    # serving: the engine attaches the run's prior; a weight > 0 without one is refused with a 503
+    engine = ModelEngine(work, "cpu")
+    item = int(engine.bundle.item_ids[0])
+    mixed = engine.run_batch([engine.prepare({"items": [item], "k": 5}, Settings(run=str(work), prior_weight=0.5))])[0]
+    assert mixed["prior_weight"] == 0.5 and mixed["items"]
+    shutil.rmtree(work / "prior")
+    bare = ModelEngine(work, "cpu")
+    with pytest.raises(Refusal) as refused:
+        bare.prepare({"items": [item], "k": 5}, Settings(run=str(work), prior_weight=0.5))
+    assert refused.value.status == 503 and "cobra prior" in refused.value.detail
