@@ -211,6 +211,9 @@ def markdown_table(results: dict) -> str:
             for k in ks:
                 cells += [f"{vals[f'recall@{k}']:.4f} ± {half[f'recall@{k}']:.4f}", f"{vals[f'ndcg@{k}']:.4f} ± {half[f'ndcg@{k}']:.4f}", f"{vals[f'diversity@{k}']:.1f}"]
             lines.append(f"| {m} | {variant} | " + " | ".join(cells) + " |")
+    chosen = [f"{m}: " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry["chosen_on_valid"].items())
+              for m, entry in results["modes"].items()]
+    lines += ["", "Settings (chosen on validation where a grid was given): " + "; ".join(chosen) + "."]
     if "tau_sweep" in results:
         k = ks[0]
         lines += ["", f"τ sweep (cobra, psi={results['tau_sweep']['psi']:g}, beams={results['tau_sweep']['beams']}):", "",
