@@ -34,6 +34,14 @@ def run(cfg: RecommendConfig) -> dict:
         labels = [f"user {u}" for u in test.user_ids[: cfg.users]]
     rec = make_recommender(model, catalogue, device)
     params = inference_params(cfg.inference, cfg.exclude_history)
+    if params.prior_weight > 0:
+        from cobra_scale.retrieve.prior import load_or_build
+
+        if params.mode != "cobra":
+            raise CobraError(f"inference.prior_weight applies to mode cobra, not {params.mode}")
+        rec.prior = load_or_build(cfg.run, catalogue.item_ids, build=False)
+        if rec.prior is None:
+            raise CobraError(f"inference.prior_weight > 0 needs {cfg.run}/prior: build it with `cobra prior --run {cfg.run}`")
     top, scores = rec.recommend(history.to(device), cfg.k, params)
     sids = rec.sids
     for row, label in enumerate(labels):

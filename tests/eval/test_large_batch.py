@@ -213,7 +213,11 @@ def test_prior_command_and_the_eval_grid_over_prior_weights(run, tmp_path, capsy
     item = int(engine.bundle.item_ids[0])
     mixed = engine.run_batch([engine.prepare({"items": [item], "k": 5}, Settings(run=str(work), prior_weight=0.5))])[0]
     assert mixed["prior_weight"] == 0.5 and mixed["items"]
+    assert main(["recommend", "--run", str(work), "--k", "3", "--users", "1", "inference.prior_weight=0.5"]) == 0
     shutil.rmtree(work / "prior")
+    capsys.readouterr()
+    assert main(["recommend", "--run", str(work), "--k", "3", "--users", "1", "inference.prior_weight=0.5"]) == 2
+    assert "cobra prior --run" in capsys.readouterr().err
     bare = ModelEngine(work, "cpu")
     with pytest.raises(Refusal) as refused:
         bare.prepare({"items": [item], "k": 5}, Settings(run=str(work), prior_weight=0.5))
