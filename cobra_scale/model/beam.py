@@ -93,8 +93,8 @@ def beam_search(
     L, K = masks.levels, masks.codes
     h, cache, pos = model.start(codes, vectors, valid)
     b = h.shape[0]
-    hist = _history(model, codes, valid)
-    lp = _level_logprobs(model, h, 0, torch.zeros(b, dtype=torch.long, device=h.device), masks, hist[0] if hist else None)  # (B, K)
+    hist, rec = _history(model, codes, valid)
+    lp = _level_logprobs(model, h, 0, torch.zeros(b, dtype=torch.long, device=h.device), masks, hist[0] if hist else None, rec)  # (B, K)
     m0 = min(beams, K)
     scores, first = lp.topk(m0, dim=-1)  # (B, M0)
     seqs = first[:, :, None]  # (B, M, l)
@@ -107,7 +107,7 @@ def beam_search(
         hb, cache = model.step_code(cache, level - 1, flat_codes, pos_beam, before)
         prefix = before * K + flat_codes
         users = torch.arange(b, device=h.device).repeat_interleave(m)
-        lp = _level_logprobs(model, hb, level, prefix, masks, hist[level][users] if hist else None).view(b, m, K)
+        lp = _level_logprobs(model, hb, level, prefix, masks, hist[level][users] if hist else None, rec[users] if hist else None).view(b, m, K)
         total = (scores[:, :, None] + lp).view(b, m * K)  # (B, M*K)
         m_new = min(beams, m * K)
         scores, flat = total.topk(m_new, dim=-1)
@@ -140,28 +140,30 @@ def greedy_decode(model: CobraModel, codes: torch.Tensor, vectors: torch.Tensor 
     out = torch.zeros(b, L, dtype=torch.long, device=valid.device)
     prefix = torch.zeros(b, dtype=torch.long, device=valid.device)
     h, _, pos = model.start(codes, vectors, valid)
-    hist = _history(model, codes, valid)
+    hist, rec = _history(model, codes, valid)
     for level in range(L):
         if level > 0:
             # re-read the whole history plus the codes chosen so far, no cache
             _, cache, _ = model.start(codes, vectors, valid)
             for j in range(level):
                 h, cache = model.step_code(cache, j, out[:, j], pos, _pack(out[:, :j], K))
-        lp = _level_logprobs(model, h, level, prefix, masks, hist[level] if hist else None)
+        lp = _level_logprobs(model, h, level, prefix, masks, hist[level] if hist else None, rec)
         out[:, level] = lp.argmax(-1)
         prefix = prefix * K + out[:, level]
     return out
 
 
-def _history(model: CobraModel, codes: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor] | None:
-    """Per level, the users' history IDs cut at that level (B, S) for the model's repeat bias (None without one)."""
+def _history(model: CobraModel, codes: torch.Tensor, valid: torch.Tensor) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """For the model's repeat bias: per level, the users' history IDs cut at that level (B, S), and how many items
+    back each history item is (B, S); (None, None) without a repeat bias."""
     if getattr(model, "repeat", None) is None:
-        return None
-    return [model.history_nodes(codes, valid, level) for level in range(codes.shape[-1])]
+        return None, None
+    return [model.history_nodes(codes, valid, level) for level in range(codes.shape[-1])], model.history_recency(valid)
 
 
 def _level_logprobs(
-    model: CobraModel, h: torch.Tensor, level: int, prefix: torch.Tensor, masks: PrefixMasks, history: torch.Tensor | None = None
+    model: CobraModel, h: torch.Tensor, level: int, prefix: torch.Tensor, masks: PrefixMasks, history: torch.Tensor | None = None,
+    recency: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, K) code log-probs of ``level``, codes absent from the trie after ``prefix`` at -inf.
 
@@ -171,8 +173,8 @@ def _level_logprobs(
     """
     allowed = masks.mask(level, prefix)
     if model.cfg.constrained_codes:
-        return model.code_logprobs(h, level, prefix, allowed, history)
-    return model.code_logprobs(h, level, prefix, history=history).masked_fill(~allowed, NEG)
+        return model.code_logprobs(h, level, prefix, allowed, history, recency)
+    return model.code_logprobs(h, level, prefix, history=history, recency=recency).masked_fill(~allowed, NEG)
 
 
 def _pack(codes: torch.Tensor, k: int) -> torch.Tensor:

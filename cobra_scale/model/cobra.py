@@ -83,14 +83,20 @@ class Temperature(nn.Module):
 
 
 class RepeatBias(nn.Module):
-    """``repeat_bias``: one learned logit offset per code level (zero-initialised; a module, as :class:`Temperature`)."""
+    """``repeat_bias``: learned logit offsets per code level (zero-initialised; a module, as :class:`Temperature`).
 
-    def __init__(self, levels: int):
+    One per level (``positions=1``, shape (L,)), or one per level and recency bucket (shape (L, positions)):
+    bucket r < positions - 1 is the r-th most recent history item, the last bucket every older one.
+    """
+
+    def __init__(self, levels: int, positions: int = 1):
         super().__init__()
-        self.logit = nn.Parameter(torch.zeros(levels))
+        self.positions = positions
+        self.logit = nn.Parameter(torch.zeros(levels) if positions == 1 else torch.zeros(levels, positions))
 
     def forward(self, level: int) -> torch.Tensor:
-        return self.logit[level]
+        """(positions,) offsets of ``level``."""
+        return self.logit[level].reshape(-1)
 
 
 class CobraModel(nn.Module):
@@ -122,7 +128,7 @@ class CobraModel(nn.Module):
         if self.item_emb is not None:
             nn.init.zeros_(self.item_emb.weight)
         # repeat_bias: one learned logit offset per level for codes that extend the prefix of a history item's ID
-        self.repeat = RepeatBias(L) if cfg.repeat_bias and cfg.use_sparse else None
+        self.repeat = RepeatBias(L, cfg.repeat_positions) if cfg.repeat_bias and cfg.use_sparse else None
         self.type_emb = nn.Embedding(L + 1, d)  # levels 0..L-1, then "dense"
         self.pos_emb = nn.Embedding(cfg.max_items, d)
         self.dense_in = nn.Linear(d, d)
@@ -172,21 +178,40 @@ class CobraModel(nn.Module):
             packed = packed * self.cfg.codes + codes[..., j].clamp(min=0)
         return packed.masked_fill(~valid, -1)
 
-    def code_logits(self, h: torch.Tensor, level: int, prefix: torch.Tensor | None = None, history: torch.Tensor | None = None) -> torch.Tensor:
+    @staticmethod
+    def history_recency(valid: torch.Tensor) -> torch.Tensor:
+        """(B, S) -> (B, S) how many items back each history item is (0 = the last, the most recent; left padding)."""
+        s = valid.shape[-1]
+        return (s - 1 - torch.arange(s, device=valid.device)).expand_as(valid)
+
+    def code_logits(
+        self, h: torch.Tensor, level: int, prefix: torch.Tensor | None = None, history: torch.Tensor | None = None, recency: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(P, d) hidden states -> (P, K) logits of the code of ``level``.
 
         ``prefix`` (P,) packs the codes of levels < ``level`` (needed with prefix embeddings).
         ``history`` (P, S), the :meth:`history_nodes` of each row's history items at ``level``
         (-1 = none), adds the learned ``repeat_bias`` to the codes that extend the prefix into
-        one of them (ignored when the model has no repeat bias).
+        one of them (ignored when the model has no repeat bias). With ``repeat_positions`` > 1,
+        ``recency`` (P, S) (:meth:`history_recency`) picks the offset of the most recent such item.
         """
         logits = self.code_heads[level](h)
         if self.repeat is not None and history is not None:
             k = self.cfg.codes
             base = prefix if prefix is not None else torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
             want = base[:, None] * k + torch.arange(k, device=h.device)  # (P, K) the node each code would make
-            seen = (want[:, :, None] == history[:, None, :]).any(-1)  # (P, K)
-            logits = logits + self.repeat(level).to(logits.dtype) * seen.to(logits.dtype)
+            match = want[:, :, None] == history[:, None, :]  # (P, K, S)
+            seen = match.any(-1)  # (P, K)
+            offsets = self.repeat(level).to(logits.dtype)  # (positions,)
+            if self.repeat.positions == 1:
+                logits = logits + offsets[0] * seen.to(logits.dtype)
+            else:
+                if recency is None:
+                    raise ValueError("model.repeat_positions > 1 needs the history's recency (CobraModel.history_recency)")
+                far = torch.iinfo(torch.long).max
+                nearest = torch.where(match, recency[:, None, :], far).amin(-1)  # (P, K) recency of the closest match
+                bucket = nearest.clamp(max=self.repeat.positions - 1)
+                logits = logits + offsets[bucket] * seen.to(logits.dtype)
         if self.prefix_emb is not None:
             k = self.cfg.codes
             base = prefix if prefix is not None else torch.zeros(h.shape[0], dtype=torch.long, device=h.device)
@@ -290,16 +315,18 @@ class CobraModel(nn.Module):
             prefix = torch.zeros_like(target_codes[:, 0])
             if cfg.constrained_codes and self.code_masks is None:
                 raise ValueError("model.constrained_codes needs the catalogue's ID trie: set model.code_masks (a PrefixMasks) first")
-            earlier = None
+            earlier = recency = None
             if self.repeat is not None:  # (B, S-1, S): for the target at t, items 0..t-1 of the same row
                 s_ar = torch.arange(s, device=seq.device)
                 earlier = (s_ar[None, :] < s_ar[1:, None])[None] & valid[:, None, :]
+                if self.repeat.positions > 1:  # item j is t-1-j items back from the target at t
+                    recency = (s_ar[:-1, None] - s_ar[None, :]).expand(b, s - 1, s)[target_ok]  # (P, S)
             for level in range(L):
                 hist = None
                 if earlier is not None:
                     nodes = self.history_nodes(codes, valid, level)  # (B, S)
                     hist = nodes[:, None, :].expand(b, s - 1, s).masked_fill(~earlier, -1)[target_ok]  # (P, S)
-                logits = self.code_logits(pred_in[:, level], level, prefix, hist)
+                logits = self.code_logits(pred_in[:, level], level, prefix, hist, recency)
                 if cfg.constrained_codes:
                     logits = logits.masked_fill(~self.code_masks.mask(level, prefix), float("-inf"))
                 ce = F.cross_entropy(logits, target_codes[:, level])
@@ -351,14 +378,15 @@ class CobraModel(nn.Module):
         return h[:, 0], cache
 
     def code_logprobs(
-        self, h: torch.Tensor, level: int, prefix: torch.Tensor | None = None, allowed: torch.Tensor | None = None, history: torch.Tensor | None = None
+        self, h: torch.Tensor, level: int, prefix: torch.Tensor | None = None, allowed: torch.Tensor | None = None, history: torch.Tensor | None = None,
+        recency: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, d) -> (B, K) log-probabilities of the code of ``level`` given the ``prefix`` (B,) of codes < level.
 
         With ``allowed`` (B, K) bool, the softmax is over the allowed codes only (disallowed ones get -inf;
-        a row with none allowed is all -inf). ``history`` as in :meth:`code_logits`.
+        a row with none allowed is all -inf). ``history`` and ``recency`` as in :meth:`code_logits`.
         """
-        logits = self.code_logits(h, level, prefix, history).float()
+        logits = self.code_logits(h, level, prefix, history, recency).float()
         if allowed is None:
             return F.log_softmax(logits, dim=-1)
         # masking afterwards too turns the NaN of a row with no allowed code into -inf

@@ -49,6 +49,11 @@ class CobraConfig:
         "user's history items, in training and in beam search: the model learns from the data how much the next item "
         "repeats an ID already in the history (a repeat/explore term, not in the paper; zero-initialised)",
     )
+    repeat_positions: int = field(
+        1,
+        help="repeat_bias: separate offsets for the most recent repeat_positions - 1 history items and one for all older "
+        "ones (a code's offset is that of the most recent history item whose ID it extends into); 1 = one offset per level",
+    )
     catalogue_items: int = field(0, help="rows of the per-item embedding (set from the catalogue when item_embedding is on)")
     constrained_codes: bool = field(
         False,
@@ -70,6 +75,10 @@ class CobraConfig:
             raise ConfigError("text_pooling must be cls or mean")
         if self.repeat_bias and not self.use_sparse:
             raise ConfigError("model.repeat_bias acts on the sparse IDs: it needs model.use_sparse=true")
+        if self.repeat_positions < 1:
+            raise ConfigError("model.repeat_positions must be >= 1")
+        if self.repeat_positions > 1 and not self.repeat_bias:
+            raise ConfigError("model.repeat_positions > 1 needs model.repeat_bias=true")
         if self.catalogue_items < 0:
             raise ConfigError("catalogue_items must be >= 0")
         if self.temperature <= 0:

@@ -420,3 +420,66 @@ def test_repeat_bias_loads_from_its_development_name():
     del state["repeat.logit"]
     model.load_state_dict(state)
     assert model.repeat.logit.tolist() == [0.25, -1.5]
+
+
+def test_repeat_positions_pick_the_offset_of_the_most_recent_matching_history_item():
+    model = tiny_model(repeat_bias=True, repeat_positions=3)
+    assert tuple(model.repeat.logit.shape) == (L, 3)
+    with torch.no_grad():
+        model.repeat.logit.copy_(torch.tensor([[0.0, 0.0, 0.0], [-4.0, -2.0, -1.0]]))
+    h = torch.randn(1, D)
+    prefix = torch.tensor([1])
+    # history, oldest first: (1,3) four items back, (1,2) three back, (1,3) two back, (2,0) one back, (1,0) the last
+    history = torch.tensor([[1 * K + 3, 1 * K + 2, 1 * K + 3, 2 * K + 0, 1 * K + 0]])
+    recency = CobraModel.history_recency(torch.ones(1, 5, dtype=torch.bool))
+    assert recency.tolist() == [[4, 3, 2, 1, 0]]
+    want = model.code_logits(h, 1, prefix).clone()
+    want[0, 0] -= 4.0  # (1,0) is the last item: bucket 0
+    want[0, 3] -= 1.0  # (1,3) at best two back: the last bucket (2 and older)
+    want[0, 2] -= 1.0  # (1,2) three back: the last bucket
+    torch.testing.assert_close(model.code_logits(h, 1, prefix, history, recency), want)
+    with pytest.raises(ValueError, match="recency"):
+        model.code_logits(h, 1, prefix, history)
+
+
+def test_repeat_positions_in_training_count_back_from_each_target():
+    # sequence 1, 2, 3, 1: the last target repeats item 1, three items back from it (bucket 2 of 3)
+    seq = [[1, 2, 3, 1]]
+    losses = {}
+    for name, offsets in {"recent": [0.0, -50.0, 0.0], "old": [0.0, 0.0, -50.0]}.items():
+        model = tiny_model(repeat_bias=True, repeat_positions=3)
+        with torch.no_grad():
+            model.repeat.logit[1].copy_(torch.tensor(offsets))
+        losses[name] = model(batch(seq)).sparse_per_level[1]
+    plain = tiny_model(repeat_bias=True, repeat_positions=3)
+    base = plain(batch(seq)).sparse_per_level[1]
+    # penalising history items one back spares the repeat (it is three back); penalising old ones hits it
+    assert losses["recent"] <= base + 1e-6
+    assert losses["old"] > base + 50 / 3 - 1
+
+
+def test_beam_search_with_repeat_positions_m1_equals_greedy_and_avoids_penalised_ids():
+    model = tiny_model(repeat_bias=True, repeat_positions=2)
+    tokens, mask, codes = catalogue()
+    vec = model.encode_items(tokens, mask)
+    masks = PrefixMasks(codes.numpy(), K)
+    hist = torch.tensor([[-1, 0, 1], [2, 3, 4]])
+    valid = hist >= 0
+    h_codes, h_vec = codes[hist.clamp(min=0)], vec[hist.clamp(min=0)]
+    with torch.no_grad():
+        model.repeat.logit.copy_(torch.tensor([[0.0, 0.0], [-1e4, 0.0]]))  # only the last history item's ID is penalised
+    beams = beam_search(model, h_codes, h_vec, valid, masks, beams=6)
+    sids = codes[:, 0] * K + codes[:, 1]
+    for row in range(2):
+        assert int(sids[hist[row, -1]]) not in set(beams.sids[row].tolist())
+    one = beam_search(model, h_codes, h_vec, valid, masks, beams=1)
+    assert torch.equal(one.codes[:, 0], greedy_decode(model, h_codes, h_vec, valid, masks))
+
+
+def test_repeat_positions_needs_repeat_bias():
+    from cobra_scale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="repeat_positions"):
+        tiny_model(repeat_positions=2)
+    with pytest.raises(ConfigError, match="repeat_positions"):
+        tiny_model(repeat_bias=True, repeat_positions=0)
