@@ -383,14 +383,17 @@ def test_repeat_bias_in_training_sees_only_earlier_items_and_learns():
     assert model.repeat.logit.grad[1] < 0  # descending the gradient raises the penalised logit back
 
 
-def test_beam_search_with_repeat_bias_avoids_history_ids_and_m1_equals_greedy():
-    model = tiny_model(repeat_bias=True)
+def repeat_beam_inputs(model):
+    """The catalogue's codes and trie, two histories (one left-padded) and the model's inputs for them."""
     tokens, mask, codes = catalogue()
     vec = model.encode_items(tokens, mask)
-    masks = PrefixMasks(codes.numpy(), K)
     hist = torch.tensor([[-1, 0, 1], [2, 3, 4]])
-    valid = hist >= 0
-    h_codes, h_vec = codes[hist.clamp(min=0)], vec[hist.clamp(min=0)]
+    return codes, PrefixMasks(codes.numpy(), K), hist, (codes[hist.clamp(min=0)], vec[hist.clamp(min=0)], hist >= 0)
+
+
+def test_beam_search_with_repeat_bias_avoids_history_ids_and_m1_equals_greedy():
+    model = tiny_model(repeat_bias=True)
+    codes, masks, hist, (h_codes, h_vec, valid) = repeat_beam_inputs(model)
     plain = tiny_model(repeat_bias=False)
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "repeat.logit"})
     same = beam_search(model, h_codes, h_vec, valid, masks, beams=6)
@@ -460,12 +463,7 @@ def test_repeat_positions_in_training_count_back_from_each_target():
 
 def test_beam_search_with_repeat_positions_m1_equals_greedy_and_avoids_penalised_ids():
     model = tiny_model(repeat_bias=True, repeat_positions=2)
-    tokens, mask, codes = catalogue()
-    vec = model.encode_items(tokens, mask)
-    masks = PrefixMasks(codes.numpy(), K)
-    hist = torch.tensor([[-1, 0, 1], [2, 3, 4]])
-    valid = hist >= 0
-    h_codes, h_vec = codes[hist.clamp(min=0)], vec[hist.clamp(min=0)]
+    codes, masks, hist, (h_codes, h_vec, valid) = repeat_beam_inputs(model)
     with torch.no_grad():
         model.repeat.logit.copy_(torch.tensor([[0.0, 0.0], [-1e4, 0.0]]))  # only the last history item's ID is penalised
     beams = beam_search(model, h_codes, h_vec, valid, masks, beams=6)
