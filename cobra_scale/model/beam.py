@@ -107,7 +107,7 @@ def beam_search(
         hb, cache = model.step_code(cache, level - 1, flat_codes, pos_beam, before)
         prefix = before * K + flat_codes
         users = torch.arange(b, device=h.device).repeat_interleave(m)
-        lp = _level_logprobs(model, hb, level, prefix, masks, hist[level][users] if hist else None, rec[users] if hist else None).view(b, m, K)
+        lp = _level_logprobs(model, hb, level, prefix, masks, hist[level][users] if hist else None, rec[users] if rec is not None else None).view(b, m, K)
         total = (scores[:, :, None] + lp).view(b, m * K)  # (B, M*K)
         m_new = min(beams, m * K)
         scores, flat = total.topk(m_new, dim=-1)
@@ -155,10 +155,11 @@ def greedy_decode(model: CobraModel, codes: torch.Tensor, vectors: torch.Tensor 
 
 def _history(model: CobraModel, codes: torch.Tensor, valid: torch.Tensor) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
     """For the model's repeat bias: per level, the users' history IDs cut at that level (B, S), and how many items
-    back each history item is (B, S); (None, None) without a repeat bias."""
+    back each history item is (B, S; None unless the bias has offsets per position); (None, None) without a repeat bias."""
     if getattr(model, "repeat", None) is None:
         return None, None
-    return [model.history_nodes(codes, valid, level) for level in range(codes.shape[-1])], model.history_recency(valid)
+    recency = model.history_recency(valid) if model.repeat.positions > 1 else None
+    return [model.history_nodes(codes, valid, level) for level in range(codes.shape[-1])], recency
 
 
 def _level_logprobs(
