@@ -82,3 +82,10 @@ def test_shipped_configs_validate():
     for path in found:
         schema = schemas[path.stem.split("_")[0]]
         load_config(schema, path)
+
+
+def test_negative_time_budget_is_refused():
+    from cobra_scale.train.configs import TrainConfig
+
+    with pytest.raises(ConfigError, match="max_minutes must be >= 0"):
+        load_config(TrainConfig, dotlist=["data=d", "ids=i", "out=o", "max_minutes=-5"])

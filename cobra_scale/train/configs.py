@@ -123,7 +123,10 @@ class TrainConfig:
     eval_users: int = field(0, help="validation users per epoch (0 = all)")
     eval_every: int = field(1, help="validate every N epochs")
     patience: int = field(4, help="stop after this many validations without improvement of valid ndcg@10")
-    max_minutes: float = field(0.0, help="wall-clock budget for training (0 = none); the best checkpoint is kept")
+    max_minutes: float = field(
+        0.0, help="wall-clock budget for training (0 = none): no epoch is started that would end past it (judged from the "
+        "last epoch's length); the best checkpoint is kept",
+    )
     resume: bool = field(True, help="resume from out/checkpoints/last if present")
     dense_loss_impl: str = field("auto", help="dense loss kernel: auto | reference | tiled | triton")
     launcher: str = field("local", help="local = this process (CPU or one GPU) | ray = Ray Train + DeepSpeed ZeRO (see distributed.*)")
@@ -149,6 +152,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0")
         if self.lr <= 0:
             raise ConfigError("lr must be > 0")
+        if self.max_minutes < 0:
+            raise ConfigError("max_minutes must be >= 0 (0 = no time budget)")
         if self.same_id_negatives < 0:
             raise ConfigError("same_id_negatives must be >= 0")
         if self.steps_per_epoch < 0:

@@ -419,6 +419,7 @@ def run(cfg: TrainConfig) -> dict:
     stop_reason = "epochs"
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"] + 1
+        epoch_started = time.perf_counter()
         batches = epoch_batches(lengths, cfg, epoch)
         rng = np.random.default_rng([cfg.seed, epoch])
         sums = {"total": 0.0, "sparse": 0.0, "dense": 0.0}
@@ -452,8 +453,9 @@ def run(cfg: TrainConfig) -> dict:
         if state["bad_evals"] >= cfg.patience:
             stop_reason = f"early stop (no improvement in {cfg.patience} validations)"
             break
-        if time.perf_counter() - started > budget_s:
-            stop_reason = f"time budget of {cfg.max_minutes} min"
+        now = time.perf_counter()
+        if not next_epoch_fits(now - started, now - epoch_started, budget_s):
+            stop_reason = f"time budget of {cfg.max_minutes} min (another epoch of ~{(now - epoch_started) / 60:.1f} min would end past it)"
             break
     (out / "history.json").write_text(json.dumps(state["history"], indent=2))
     plot_curve(state["history"], out / "curve.png")
@@ -467,6 +469,14 @@ def run(cfg: TrainConfig) -> dict:
         "wall_minutes": round((time.perf_counter() - started) / 60, 1),
         "out": str(out),
     }
+
+
+def next_epoch_fits(elapsed_s: float, last_epoch_s: float, budget_s: float) -> bool:
+    """Whether an epoch as long as the last one (training + validation) ends within the budget.
+
+    Checked at epoch ends, so a run stops *before* the epoch that would overshoot ``max_minutes``
+    rather than after it (which overshot by up to an epoch)."""
+    return elapsed_s + last_epoch_s <= budget_s
 
 
 def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, epoch: int) -> list[np.ndarray]:

@@ -210,3 +210,14 @@ def test_item_embedding_init_bad_settings(data, tmp_path, extra, message):
 
     with pytest.raises(ConfigError, match=message):
         config(data, tmp_path / "bad", *extra)
+
+
+def test_time_budget_stops_before_an_epoch_that_would_overshoot(data, tmp_path):
+    from cobra_scale.train.trainer import next_epoch_fits
+
+    assert next_epoch_fits(50 * 60, 6 * 60, 60 * 60)  # 56 min <= 60: go on
+    assert not next_epoch_fits(55 * 60, 6 * 60, 60 * 60)  # 61 min: stop now, not at 61
+    assert next_epoch_fits(1e9, 1e9, float("inf"))  # no budget
+    # a budget far below one epoch: one epoch is trained (the first is always run), then it stops, saying why
+    summary = run(config(data, tmp_path / "run", "epochs=3", "max_minutes=1e-6"))
+    assert summary["epochs"] == 1 and summary["stopped_by"].startswith("time budget") and "would end past it" in summary["stopped_by"]
