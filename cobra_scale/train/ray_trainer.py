@@ -327,6 +327,7 @@ def train_loop_per_worker(config: dict) -> None:
         make_scheduler,
         plot_curve,
         save_weights,
+        time_budget_stop,
         train_step,
         validate_and_keep_best,
     )
@@ -375,7 +376,6 @@ def train_loop_per_worker(config: dict) -> None:
     params = inference_params(cfg.inference)
     shard = ray.train.get_dataset_shard("train")
     micro = ds_config["train_micro_batch_size_per_gpu"]
-    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
     stop = f"max_steps ({dcfg.max_steps})" if dcfg.max_steps and state["step"] >= dcfg.max_steps else None
     last_saved = state["step"] if checkpoint else -1
     if rng_state is not None:  # last: building the evaluation model above draws random numbers
@@ -383,6 +383,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     while state["epoch"] < cfg.epochs and stop is None:
         epoch = state["epoch"] + 1
+        epoch_started = time.time()
         sums = state["sums"] or {"total": 0.0, "sparse": 0.0, "dense": 0.0, "batches": 0}
         step_losses: list = []
         data_s = step_s = 0.0  # where an optimiser step's time goes: waiting for (collated) data vs the step
@@ -437,8 +438,9 @@ def train_loop_per_worker(config: dict) -> None:
                 record["valid"] = validate_and_keep_best(eval_model, catalogue, valid, params, device, state, epoch, cfg, out)
             if state["bad_evals"] >= cfg.patience:
                 decision[0] = f"early stop (no improvement in {cfg.patience} validations)"
-            elif time.time() - config["started"] > budget_s:
-                decision[0] = f"time budget of {cfg.max_minutes} min"
+            else:
+                now = time.time()
+                decision[0] = time_budget_stop(cfg.max_minutes, now - config["started"], now - epoch_started)
             progress.epoch(record)
             log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in {**record.get("valid", {}), "train_sparse": record["train_sparse"], "train_dense": record["train_dense"]}.items()))
         dist.broadcast_object_list(decision, src=0)

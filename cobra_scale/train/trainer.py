@@ -415,7 +415,6 @@ def run(cfg: TrainConfig) -> dict:
     )
     params = inference_params(cfg.inference)
     bank = None
-    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
     stop_reason = "epochs"
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"] + 1
@@ -454,8 +453,9 @@ def run(cfg: TrainConfig) -> dict:
             stop_reason = f"early stop (no improvement in {cfg.patience} validations)"
             break
         now = time.perf_counter()
-        if not next_epoch_fits(now - started, now - epoch_started, budget_s):
-            stop_reason = f"time budget of {cfg.max_minutes} min (another epoch of ~{(now - epoch_started) / 60:.1f} min would end past it)"
+        budget_stop = time_budget_stop(cfg.max_minutes, now - started, now - epoch_started)
+        if budget_stop:
+            stop_reason = budget_stop
             break
     (out / "history.json").write_text(json.dumps(state["history"], indent=2))
     plot_curve(state["history"], out / "curve.png")
@@ -477,6 +477,14 @@ def next_epoch_fits(elapsed_s: float, last_epoch_s: float, budget_s: float) -> b
     Checked at epoch ends, so a run stops *before* the epoch that would overshoot ``max_minutes``
     rather than after it (which overshot by up to an epoch)."""
     return elapsed_s + last_epoch_s <= budget_s
+
+
+def time_budget_stop(max_minutes: float, elapsed_s: float, last_epoch_s: float) -> str | None:
+    """The stop reason when ``max_minutes`` (0 = none) leaves no room for another epoch like the last, else None."""
+    budget_s = max_minutes * 60 if max_minutes else float("inf")
+    if next_epoch_fits(elapsed_s, last_epoch_s, budget_s):
+        return None
+    return f"time budget of {max_minutes} min (another epoch of ~{last_epoch_s / 60:.1f} min would end past it)"
 
 
 def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, epoch: int) -> list[np.ndarray]:
