@@ -51,10 +51,12 @@ class Losses:
     item_vectors: torch.Tensor | None = None  # (U, d) the batch's encoded items, detached (for a negatives bank)
 
 
-def dense_contrastive_loss(pred, keys, positives, temperature, query_item_ids, key_item_ids, impl: str = "auto", scope: str = "local"):
+def dense_contrastive_loss(
+    pred, keys, positives, temperature, query_item_ids, key_item_ids, impl: str = "auto", scope: str = "local", reduction: str = "mean"
+):
     """The dense loss: in-batch softmax over cosine similarity (one routed function).
 
-    ``pred`` (P, d), ``keys`` (U, d), ``positives`` (P,) -> mean loss. Routed through the
+    ``pred`` (P, d), ``keys`` (U, d), ``positives`` (P,) -> mean loss (``reduction="none"``: the (P,) per-row losses). Routed through the
     kernel dispatcher of ``cobra_kernels`` (reference / tiled / Triton). ``scope="global"``
     scores the queries against the keys of every data-parallel rank (``torch.distributed``
     all-gather, gradients back to their owners), so that W ranks of batch B/W train the
@@ -63,10 +65,10 @@ def dense_contrastive_loss(pred, keys, positives, temperature, query_item_ids, k
     if scope == "global":
         from cobra_kernels.distributed import global_cosine_contrastive_loss
 
-        return global_cosine_contrastive_loss(pred, keys, positives, temperature, query_item_ids, key_item_ids, impl=impl)
+        return global_cosine_contrastive_loss(pred, keys, positives, temperature, query_item_ids, key_item_ids, impl=impl, reduction=reduction)
     from cobra_kernels import cosine_contrastive_loss
 
-    return cosine_contrastive_loss(pred, keys, positives, temperature, query_item_ids, key_item_ids, impl=impl)
+    return cosine_contrastive_loss(pred, keys, positives, temperature, query_item_ids, key_item_ids, impl=impl, reduction=reduction)
 
 
 class Temperature(nn.Module):
@@ -129,6 +131,8 @@ class CobraModel(nn.Module):
             nn.init.zeros_(self.item_emb.weight)
         # repeat_bias: one learned logit offset per level for codes that extend the prefix of a history item's ID
         self.repeat = RepeatBias(L, cfg.repeat_positions) if cfg.repeat_bias and cfg.use_sparse else None
+        # dense_repeat_bias: a learned logit offset in the dense softmax for keys that are the user's own history items
+        self.dense_repeat = RepeatBias(1, cfg.dense_repeat_positions) if cfg.dense_repeat_bias and cfg.use_dense else None
         self.type_emb = nn.Embedding(L + 1, d)  # levels 0..L-1, then "dense"
         self.pos_emb = nn.Embedding(cfg.max_items, d)
         self.dense_in = nn.Linear(d, d)
@@ -218,6 +222,47 @@ class CobraModel(nn.Module):
             nodes = self.prefix_rows(level, base[:, None] * k + torch.arange(k, device=h.device))  # (P, K)
             logits = logits + torch.einsum("pd,pkd->pk", h, self.prefix_emb[level](nodes).to(h.dtype))
         return logits
+
+    def history_item_offsets(self, candidates: torch.Tensor, history: torch.Tensor) -> torch.Tensor | None:
+        """Inference's ``dense_repeat_bias``: what to add to the cosine of each candidate item, or None without the bias.
+
+        ``candidates`` (B, ...) catalogue indices (any value < 0 = padding), ``history`` (B, S) the users' items,
+        left-padded with -1 (the last column is the most recent). A candidate that is a history item gets
+        ``temperature x offset`` of its most recent occurrence's recency bucket, as the training logit
+        ``cos / T + offset = (cos + T * offset) / T``; other candidates get 0.
+        """
+        if self.dense_repeat is None:
+            return None
+        b, s = history.shape
+        flat = candidates.reshape(b, -1)
+        match = (flat[:, :, None] == history[:, None, :]) & (history[:, None, :] >= 0) & (flat[:, :, None] >= 0)  # (B, X, S)
+        recency = self.history_recency(history >= 0)  # (B, S)
+        far = torch.iinfo(torch.long).max
+        nearest = torch.where(match, recency[:, None, :], far).amin(-1)  # (B, X)
+        offsets = self.dense_repeat(0).detach().float()
+        shift = offsets[nearest.clamp(max=self.dense_repeat.positions - 1)] * match.any(-1)
+        return (self.temperature.detach().float() * shift).view(candidates.shape)
+
+    def _dense_repeat_rows(
+        self, ce: torch.Tensor, pred: torch.Tensor, keys_hist: torch.Tensor, key_pos: torch.Tensor, keep: torch.Tensor,
+        bucket: torch.Tensor, is_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-row dense loss with ``dense_repeat_bias``, from the kernel's per-row loss ``ce`` (P,) of the unbiased logits.
+
+        With ``z_pk = cos(pred_p, key_k) / T``, history keys ``u`` of row p (``keys_hist`` (P, S, d) where ``keep``)
+        get ``z + b_u``. Then, exactly, ``logsumexp'_p = CE_p + z_p,pos + log(1 + sum_u (e^b_u - 1) exp(z_pu - z_p,pos - CE_p))``
+        and ``CE'_p = logsumexp'_p - z_p,pos - b_pos [pos in history]``: S + 1 direct dot products per row, no (P, N) bias
+        through the kernels. ``exp(z_pu - z_p,pos - CE_p)`` is u's softmax probability, so nothing overflows.
+        """
+        t = self.temperature.float()
+        q = F.normalize(pred.float(), dim=-1)
+        z_hist = (q[:, None, :] * F.normalize(keys_hist.float(), dim=-1)).sum(-1) / t  # (P, S)
+        z_pos = (q * F.normalize(key_pos.float(), dim=-1)).sum(-1) / t  # (P,)
+        b = self.dense_repeat(0).float()[bucket]  # (P, S)
+        ce = ce.float()
+        prob = torch.exp((z_hist - (z_pos + ce)[:, None]).clamp(max=0.0))
+        extra = ((torch.exp(b) - 1.0) * prob).masked_fill(~keep, 0.0).sum(-1)
+        return ce + torch.log((1.0 + extra).clamp(min=1e-12)) - (b * (keep & is_pos)).sum(-1)
 
     def encode_items(self, tokens: torch.Tensor, mask: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """Dense vectors (U, d) of items from their text tokens (U, Tt).
@@ -336,18 +381,49 @@ class CobraModel(nn.Module):
         dense = zero
         if cfg.use_dense:
             pred = self.dense_head(pred_in[:, T - 1])  # (P, d)
+            rep = self._dense_repeat_history(idx, valid, target_ok) if self.dense_repeat is not None else None
+            reduction = "none" if rep is not None else "mean"
             dense = dense_contrastive_loss(
                 pred, vectors, target_items, self.temperature, batch.item_ids[target_items], batch.item_ids,
-                impl=self.dense_loss_impl, scope=self.dense_loss_scope,
+                impl=self.dense_loss_impl, scope=self.dense_loss_scope, reduction=reduction,
             )
+            if rep is not None:
+                hist, keep, bucket = rep
+                is_pos = hist == target_items[:, None]
+                dense = self._dense_repeat_rows(dense, pred, vectors[hist], vectors[target_items], keep, bucket, is_pos).mean()
             if bank_keys is not None:
                 targets = batch.item_ids[target_items]
                 at = torch.searchsorted(bank_ids, targets).clamp(max=len(bank_ids) - 1)
                 if not bool((bank_ids[at] == targets).all()):
                     raise ValueError("bank_ids must hold every target item of the batch")
-                dense = dense + dense_contrastive_loss(pred, bank_keys.to(pred.dtype), at, self.temperature, None, None, impl=self.dense_loss_impl)
+                bank = dense_contrastive_loss(pred, bank_keys.to(pred.dtype), at, self.temperature, None, None, impl=self.dense_loss_impl, reduction=reduction)
+                if rep is not None:  # the same offsets on the bank's copies of the history items (where the bank has them)
+                    hist_ids = batch.item_ids[hist]
+                    at_hist = torch.searchsorted(bank_ids, hist_ids).clamp(max=len(bank_ids) - 1)
+                    in_bank = keep & (bank_ids[at_hist] == hist_ids)
+                    bank = self._dense_repeat_rows(bank, pred, bank_keys[at_hist], bank_keys[at], in_bank, bucket, at_hist == at[:, None]).mean()
+                dense = dense + bank
         total = cfg.sparse_weight * sparse + cfg.dense_weight * dense
         return Losses(total, sparse, dense, per_level, int(target_items.numel()), vectors.detach() if vectors is not None else None)
+
+    def _dense_repeat_history(self, idx: torch.Tensor, valid: torch.Tensor, target_ok: torch.Tensor):
+        """For each prediction (the targets of ``target_ok`` (B, S-1)): its row's distinct earlier items.
+
+        Returns ``(hist, keep, bucket)``, each (P, S): the unique-item index of history position j (0 where not
+        kept), whether j is kept (valid, before the target, and the most recent occurrence of its item there), and
+        the recency bucket of j (``t - 1 - j`` items back, capped at ``dense_repeat_positions - 1``).
+        """
+        b, s = idx.shape
+        ar = torch.arange(s, device=idx.device)
+        t = ar[1:]  # target positions
+        earlier = (ar[None, :] < t[:, None])[None] & valid[:, None, :]  # (B, S-1, S)
+        same = (idx[:, :, None] == idx[:, None, :]) & valid[:, None, :]  # (B, S, S): [j, j'] same item, j' valid
+        between = (ar[None, :, None] < ar[None, None, :]) & (ar[None, None, :] < t[:, None, None])  # (S-1, S, S): j < j' < t
+        superseded = (same[:, None] & between[None]).any(-1)  # (B, S-1, S)
+        keep = (earlier & ~superseded)[target_ok]  # (P, S)
+        hist = idx[:, None, :].expand(b, s - 1, s)[target_ok].masked_fill(~keep, 0)
+        recency = (t[:, None] - 1 - ar[None, :]).clamp(min=0).expand(b, s - 1, s)[target_ok]
+        return hist, keep, recency.clamp(max=self.dense_repeat.positions - 1)
 
     # ------------------------------------------------------------------ inference steps
 

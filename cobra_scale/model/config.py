@@ -54,6 +54,17 @@ class CobraConfig:
         help="repeat_bias: separate offsets for the most recent repeat_positions - 1 history items and one for all older "
         "ones (a code's offset is that of the most recent history item whose ID it extends into); 1 = one offset per level",
     )
+    dense_repeat_bias: bool = field(
+        False,
+        help="a learned offset on the dense softmax's logit of every key that is one of the user's own history items, in "
+        "training and (as temperature x offset added to the cosine) in BeamFusion and nearest-neighbour search: the "
+        "item-level counterpart of repeat_bias (not in the paper; zero-initialised)",
+    )
+    dense_repeat_positions: int = field(
+        1,
+        help="dense_repeat_bias: separate offsets for the most recent dense_repeat_positions - 1 history items and one for "
+        "all older ones; 1 = one offset",
+    )
     catalogue_items: int = field(0, help="rows of the per-item embedding (set from the catalogue when item_embedding is on)")
     constrained_codes: bool = field(
         False,
@@ -79,6 +90,12 @@ class CobraConfig:
             raise ConfigError("model.repeat_positions must be >= 1")
         if self.repeat_positions > 1 and not self.repeat_bias:
             raise ConfigError("model.repeat_positions > 1 needs model.repeat_bias=true")
+        if self.dense_repeat_bias and not self.use_dense:
+            raise ConfigError("model.dense_repeat_bias acts on the dense softmax: it needs model.use_dense=true")
+        if self.dense_repeat_positions < 1:
+            raise ConfigError("model.dense_repeat_positions must be >= 1")
+        if self.dense_repeat_positions > 1 and not self.dense_repeat_bias:
+            raise ConfigError("model.dense_repeat_positions > 1 needs model.dense_repeat_bias=true")
         if self.catalogue_items < 0:
             raise ConfigError("catalogue_items must be >= 0")
         if self.temperature <= 0:

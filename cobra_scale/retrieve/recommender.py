@@ -109,16 +109,17 @@ class Recommender:
         exclude = history if params.exclude_history else None
         if mode == "dense_only":
             h, _, _ = self.model.start(codes, vectors, valid)
-            return self.index.search(self.model.dense_prediction(h), k, exclude)
+            return self._search(self.model.dense_prediction(h), k, exclude, history)
         beams = beam_search(self.model, codes, vectors, valid, self.masks, params.beams if mode != "no_fusion" else 1, with_dense=mode != "sparse_only")
         b, m = beams.scores.shape
         if mode == "no_fusion":
-            return self.index.search(beams.dense[:, 0], k, exclude)
+            return self._search(beams.dense[:, 0], k, exclude, history)
         if mode == "liger":
             return self._liger(beams, k, exclude)
         if mode == "sparse_only":
             return self._sparse_ranking(beams, k, exclude)
-        return self._fuse(self._exclude(self._cobra_candidates(beams), exclude), k, params, self._prior_top(history, [params]), exclude)
+        candidates = self._repeat_shift(self._cobra_candidates(beams), history)
+        return self._fuse(self._exclude(candidates, exclude), k, params, self._prior_top(history, [params]), exclude)
 
     def _check_prior(self, params: InferenceParams) -> None:
         if not 0 <= params.prior_weight <= 1:
@@ -153,6 +154,33 @@ class Recommender:
         cand, cos = cand.view(b, m, -1), cos.view(b, m, -1)
         cos = cos.masked_fill(~torch.isfinite(beams.scores)[:, :, None], float("-inf"))
         return beams.scores, cand, cos
+
+    def _repeat_shift(self, candidates, history: torch.Tensor):
+        """The model's ``dense_repeat_bias``: candidates that are history items get their offset on the cosine."""
+        shift = self.model.history_item_offsets(candidates[1], history)
+        if shift is None:
+            return candidates
+        beam_scores, cand, cos = candidates
+        return beam_scores, cand, cos + shift.to(cos.dtype)
+
+    def _search(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None, history: torch.Tensor):
+        """Nearest items of ``queries`` (B, d) over the catalogue, with the model's ``dense_repeat_bias``: the
+        index's top ``k + S`` (so that k non-history items remain) with the history items re-scored exactly."""
+        if getattr(self.model, "dense_repeat", None) is None:
+            return self.index.search(queries, k, exclude)
+        b, s = history.shape
+        items, cos = self.index.search(queries, k + s, exclude)
+        in_hist = ((items[:, :, None] == history[:, None, :]) & (history[:, None, :] >= 0)).any(-1)
+        cos = cos.masked_fill(in_hist | (items < 0), float("-inf"))
+        h_cos = F.normalize(queries.float(), dim=-1)[:, None, :].mul(F.normalize(self.vectors[history.clamp(min=0)].float(), dim=-1)).sum(-1)
+        h_cos = h_cos + self.model.history_item_offsets(history, history)
+        # each history item once (its most recent column; the offsets already are the most recent occurrence's)
+        later = (history[:, :, None] == history[:, None, :]) & torch.triu(torch.ones(s, s, dtype=torch.bool, device=history.device), 1)
+        drop = (history < 0) | later.any(-1)
+        if exclude is not None:
+            drop |= ((history[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)).any(-1)
+        h_cos = h_cos.masked_fill(drop, float("-inf"))
+        return _topk_padded(torch.cat([items, history], 1), torch.cat([cos.to(h_cos.dtype), h_cos], 1), k)
 
     @staticmethod
     def _exclude(candidates, exclude: torch.Tensor | None):
@@ -207,7 +235,7 @@ class Recommender:
                 for i in members:
                     out[i] = self._sparse_ranking(beams, k, history if settings[i].exclude_history else None)
                 continue
-            candidates = self._cobra_candidates(beams)
+            candidates = self._repeat_shift(self._cobra_candidates(beams), history)
             for i in members:
                 exclude = history if settings[i].exclude_history else None
                 out[i] = self._fuse(self._exclude(candidates, exclude), k, settings[i], prior_top, exclude)

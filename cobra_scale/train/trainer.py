@@ -169,9 +169,14 @@ def lr_lambda(warmup: int, total: int):
 
 
 def optimizer_groups(model: CobraModel) -> tuple[list[str], list[str]]:
-    """Parameter names with and without weight decay (decay on matrices only, not on embeddings, norms, biases)."""
-    decay = [n for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
-    no_decay = [n for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
+    """Parameter names with and without weight decay (decay on matrices only, not on embeddings, norms, biases,
+    nor the repeat offsets, which are logit biases even when stored as a (levels, positions) table)."""
+
+    def decays(name: str, p) -> bool:
+        return p.ndim >= 2 and "emb" not in name and not name.endswith("repeat.logit")
+
+    decay = [n for n, p in model.named_parameters() if decays(n, p)]
+    no_decay = [n for n, p in model.named_parameters() if not decays(n, p)]
     return decay, no_decay
 
 

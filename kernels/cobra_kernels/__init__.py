@@ -84,6 +84,7 @@ def cosine_contrastive_loss(
     key_item_ids: torch.Tensor | None = None,
     impl: str | ContrastiveImpl = "auto",
     chunk_size: int | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Mean in-batch cosine contrastive loss (the contract of ``reference.py``).
 
@@ -97,20 +98,22 @@ def cosine_contrastive_loss(
         impl: "auto" | "reference" | "tiled" | "triton" (or a ``ContrastiveImpl``).
         chunk_size: query rows per block of the tiled path (None: automatic); ignored by
             the other implementations.
+        reduction: "mean" (default), or "none" for the (B,) per-row losses (their
+            backward takes a per-row gradient, e.g. for a loss built on top of them).
 
     Returns:
-        0-d fp32 (fp64 for fp64 inputs on the fast paths) tensor.
+        0-d fp32 (fp64 for fp64 inputs on the fast paths) tensor; (B,) with ``reduction="none"``.
     """
     requested = impl.value if isinstance(impl, ContrastiveImpl) else str(impl).lower()
     resolved = resolve_impl(requested, queries.device)
     _log_once(requested, resolved, queries.device)
     if resolved == ContrastiveImpl.REFERENCE.value:
         return cosine_contrastive_loss_reference(
-            queries, keys, positives, temperature, query_item_ids, key_item_ids
+            queries, keys, positives, temperature, query_item_ids, key_item_ids, reduction=reduction
         )
     if resolved == ContrastiveImpl.TILED.value:
         return cosine_contrastive_loss_tiled(
-            queries, keys, positives, temperature, query_item_ids, key_item_ids, chunk_size=chunk_size
+            queries, keys, positives, temperature, query_item_ids, key_item_ids, chunk_size=chunk_size, reduction=reduction
         )
     # Imported lazily: TRITON_INTERPRET must be read when the @triton.jit kernels are defined.
     from . import triton_contrastive
@@ -121,5 +124,5 @@ def cosine_contrastive_loss(
             "cobra_kernels.triton_contrastive is first imported); use impl='tiled' on CPU"
         )
     return triton_contrastive.cosine_contrastive_loss_triton(
-        queries, keys, positives, temperature, query_item_ids, key_item_ids
+        queries, keys, positives, temperature, query_item_ids, key_item_ids, reduction=reduction
     )

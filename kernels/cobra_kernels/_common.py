@@ -6,10 +6,13 @@ Every fast path computes the loss of ``reference.py`` as
     u_i = q_i / (max(||q_i||, eps) * tau)          # (B, d) scaled unit queries
     kh_j = k_j / max(||k_j||, eps)                 # (N, d) unit keys
     s_ij = u_i . kh_j                              # never materialised as (B, N)
-    loss = mean_i (logsumexp_{j unmasked} s_ij - s_{i, p_i})
+    loss_i = logsumexp_{j unmasked} s_ij - s_{i, p_i}
+    loss = mean_i loss_i     (reduction="mean"; reduction="none" returns loss_i)
 
-and the core (tiled torch or Triton) only returns ``dloss/du`` and ``dloss/dkh``; this
-module turns them into gradients for the raw queries, keys and the temperature:
+and the core (tiled torch or Triton) only returns ``dloss/du`` and ``dloss/dkh``, with
+each row's ``G_i = softmax_i - onehot(p_i)`` weighted by ``w_i = dL/dloss_i``
+(``row_weights``); this module turns them into gradients for the raw queries, keys and
+the temperature:
 
     dL/dqh_i  = dL/du_i / tau
     dL/dtau   = -(1/tau) * sum_i qh_i . dL/dqh_i     (s depends on tau only via u = qh/tau)
@@ -73,8 +76,29 @@ def prepare_inputs(
     return q_unit, q_norm, k_unit, k_norm, u
 
 
+REDUCTIONS = ("mean", "none")
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def finish_loss(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
+    """(B,) per-row losses -> the mean (0-d) or themselves."""
+    return per_row.mean() if reduction == "mean" else per_row
+
+
+def row_weights(grad_out: torch.Tensor, num_rows: int, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """(B,) ``dL/dloss_i``: ``grad_out / B`` for every row of a mean, ``grad_out`` itself for reduction="none"."""
+    grad_out = grad_out.to(dtype)
+    if reduction == "mean":
+        return (grad_out / num_rows).reshape(1).expand(num_rows).contiguous()
+    return grad_out.reshape(num_rows).contiguous()
+
+
 def finish_backward(
-    grad_out: torch.Tensor,
     grad_u: torch.Tensor | None,
     grad_k_unit: torch.Tensor | None,
     q_unit: torch.Tensor,
@@ -82,25 +106,23 @@ def finish_backward(
     k_unit: torch.Tensor,
     k_norm: torch.Tensor,
     temperature: torch.Tensor,
-    num_rows: int,
     needs_temperature_grad: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Turns the core's unscaled sums into gradients of the mean loss.
+    """Turns the core's sums into gradients of the loss.
 
-    ``grad_u`` (B, d) = sum_j G_ij kh_j and ``grad_k_unit`` (N, d) = sum_i G_ij u_i with
-    G = softmax - onehot(positive); both are updated in place. Returns
-    (grad_queries, grad_keys, grad_temperature) in the compute dtype.
+    ``grad_u`` (B, d) = sum_j w_i G_ij kh_j and ``grad_k_unit`` (N, d) = sum_i w_i G_ij u_i
+    with G = softmax - onehot(positive) and ``w = row_weights(...)``; both are updated in
+    place. Returns (grad_queries, grad_keys, grad_temperature) in the compute dtype.
     """
     t = temperature.to(q_unit.dtype)
-    scale = grad_out.to(q_unit.dtype) / num_rows  # mean reduction
     grad_q = grad_k = grad_t = None
     if grad_u is not None:
-        grad_q_unit = grad_u.mul_(scale / t)  # dL/dqh = dL/du / tau
+        grad_q_unit = grad_u.div_(t)  # dL/dqh = dL/du / tau
         grad_q, dots = l2_normalize_backward_(grad_q_unit, q_unit, q_norm)
         if needs_temperature_grad:
             grad_t = -dots.sum() / t
     if grad_k_unit is not None:
-        grad_k, _ = l2_normalize_backward_(grad_k_unit.mul_(scale), k_unit, k_norm)
+        grad_k, _ = l2_normalize_backward_(grad_k_unit, k_unit, k_norm)
     return grad_q, grad_k, grad_t
 
 

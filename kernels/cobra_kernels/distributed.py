@@ -128,6 +128,7 @@ def global_cosine_contrastive_loss(
     impl: str = "auto",
     chunk_size: int | None = None,
     group=None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """``cosine_contrastive_loss`` of this rank's queries against the keys of all ranks.
 
@@ -138,7 +139,7 @@ def global_cosine_contrastive_loss(
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return cosine_contrastive_loss(
-            queries, keys, positives, temperature, query_item_ids, key_item_ids, impl=impl, chunk_size=chunk_size
+            queries, keys, positives, temperature, query_item_ids, key_item_ids, impl=impl, chunk_size=chunk_size, reduction=reduction
         )
     gathered = gather_keys_with_grad(keys, key_item_ids if query_item_ids is not None else None, group)
     return cosine_contrastive_loss(
@@ -150,4 +151,5 @@ def global_cosine_contrastive_loss(
         gathered.item_ids,
         impl=impl,
         chunk_size=chunk_size,
+        reduction=reduction,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_temperature, finish_backward, prepare_inputs, same_item_mask
+from ._common import as_temperature, check_reduction, finish_backward, finish_loss, prepare_inputs, row_weights, same_item_mask
 
 # Elements of one (chunk_size, N) logits block when chunk_size is left to us: 2**24
 # (64 MiB in fp32, a constant: memory stays O((B + N) d) + 64 MiB). Measured on 2 cores
@@ -57,6 +57,7 @@ class TiledCosineContrastiveLoss(torch.autograd.Function):
         query_item_ids: torch.Tensor | None,  # (B,) or None
         key_item_ids: torch.Tensor | None,  # (N,) or None
         chunk_size: int | None,
+        reduction: str,
     ) -> torch.Tensor:
         num_rows, num_cols = queries.shape[0], keys.shape[0]
         chunk = chunk_size or auto_chunk_size(num_rows, num_cols)
@@ -76,17 +77,19 @@ class TiledCosineContrastiveLoss(torch.autograd.Function):
             lse[rows] = row_max + logits.sum(dim=1).log()
         ctx.save_for_backward(queries, keys, positives, temperature, query_item_ids, key_item_ids, lse)
         ctx.chunk = chunk
-        return (lse - positive_logits).mean()
+        ctx.reduction = reduction
+        return finish_loss(lse - positive_logits, reduction)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         queries, keys, positives, temperature, query_item_ids, key_item_ids, lse = ctx.saved_tensors
         need_q, need_k, _, need_t = ctx.needs_input_grad[:4]
         if not (need_q or need_k or need_t):
-            return (None,) * 7
+            return (None,) * 8
         num_rows, num_cols = queries.shape[0], keys.shape[0]
         chunk = ctx.chunk
         q_unit, q_norm, k_unit, k_norm, u = prepare_inputs(queries, keys, temperature)
+        weights = row_weights(grad_out, num_rows, ctx.reduction, u.dtype)  # (B,) dL/dloss_i
         # The temperature gradient is built from dL/dq_unit, so it needs grad_u too.
         grad_u = torch.empty_like(u) if (need_q or need_t) else None  # (B, d)
         grad_k_unit = torch.zeros_like(k_unit) if need_k else None  # (N, d)
@@ -100,18 +103,18 @@ class TiledCosineContrastiveLoss(torch.autograd.Function):
             probs.sub_(lse[rows, None]).exp_()  # softmax, masked columns -> 0
             local = torch.arange(n, device=probs.device)
             probs[local, positives[rows]] -= 1.0  # G = softmax - onehot
+            probs.mul_(weights[rows, None])
             if grad_u is not None:
                 torch.mm(probs, k_unit, out=grad_u[rows])
             if grad_k_unit is not None:
                 grad_k_unit.addmm_(probs.t(), u[rows])
-        grad_q, grad_k, grad_t = finish_backward(
-            grad_out, grad_u, grad_k_unit, q_unit, q_norm, k_unit, k_norm, temperature, num_rows, need_t
-        )
+        grad_q, grad_k, grad_t = finish_backward(grad_u, grad_k_unit, q_unit, q_norm, k_unit, k_norm, temperature, need_t)
         return (
             grad_q.to(queries.dtype) if need_q else None,
             grad_k.to(keys.dtype) if need_k else None,
             None,
             grad_t.to(temperature.device, temperature.dtype) if need_t else None,
+            None,
             None,
             None,
             None,
@@ -126,9 +129,11 @@ def cosine_contrastive_loss_tiled(
     query_item_ids: torch.Tensor | None = None,
     key_item_ids: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Same contract as ``cosine_contrastive_loss_reference``; ``chunk_size`` query rows
     per block (None: about 16M logits per block, see ``auto_chunk_size``)."""
+    check_reduction(reduction)
     if (query_item_ids is None) != (key_item_ids is None):
         query_item_ids = key_item_ids = None  # the reference masks only with both
     return TiledCosineContrastiveLoss.apply(
@@ -139,4 +144,5 @@ def cosine_contrastive_loss_tiled(
         query_item_ids,
         key_item_ids,
         chunk_size,
+        reduction,
     )

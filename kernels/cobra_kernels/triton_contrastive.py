@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_temperature, finish_backward, prepare_inputs
+from ._common import as_temperature, check_reduction, finish_backward, finish_loss, prepare_inputs, row_weights
 
 # Whether the kernels below were defined under TRITON_INTERPRET=1 (they then run on CPU
 # tensors through Triton's interpreter); the dispatcher refuses CPU tensors otherwise.
@@ -101,7 +101,8 @@ def _contrastive_bwd_queries_kernel(
     QID,
     KID,
     LSE,  # (B,) fp32 from the forward
-    GRAD_U,  # (B, D) fp32 out: sum_j (softmax_ij - [j == pos_i]) kh_j
+    W,  # (B,) fp32 row weights dL/dloss_i
+    GRAD_U,  # (B, D) fp32 out: w_i sum_j (softmax_ij - [j == pos_i]) kh_j
     B,
     N,
     D,
@@ -139,6 +140,8 @@ def _contrastive_bwd_queries_kernel(
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         g = tl.where(is_pos, p - 1.0, p)  # G = softmax - onehot(positive)
         acc += tl.dot(g.to(k.dtype), k, input_precision=INPUT_PRECISION)
+    w = tl.load(W + rows, mask=row_ok, other=0.0)
+    acc = acc * w[:, None]
     tl.store(GRAD_U + rows[:, None] * stride_gu + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
 
 
@@ -150,7 +153,8 @@ def _contrastive_bwd_keys_kernel(
     QID,
     KID,
     LSE,
-    GRAD_K,  # (N, D) fp32 out: sum_i (softmax_ij - [j == pos_i]) u_i
+    W,  # (B,) fp32 row weights dL/dloss_i
+    GRAD_K,  # (N, D) fp32 out: sum_i w_i (softmax_ij - [j == pos_i]) u_i
     B,
     N,
     D,
@@ -179,6 +183,7 @@ def _contrastive_bwd_keys_kernel(
         u = tl.load(U + rows[:, None] * stride_u + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         pos = tl.load(POS + rows, mask=row_ok, other=-1)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+        w = tl.load(W + rows, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(u), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M) logits^T
         is_pos = cols[:, None] == pos[None, :]
         valid = tl.broadcast_to(col_ok[:, None] & row_ok[None, :], (BLOCK_N, BLOCK_M))
@@ -186,7 +191,7 @@ def _contrastive_bwd_keys_kernel(
             qid = tl.load(QID + rows, mask=row_ok, other=0)
             valid = valid & ((kid[:, None] != qid[None, :]) | is_pos)
         p = tl.where(valid, tl.exp(s_t - lse[None, :]), 0.0)
-        g = tl.where(is_pos, p - 1.0, p)
+        g = tl.where(is_pos, p - 1.0, p) * w[None, :]
         acc += tl.dot(g.to(u.dtype), u, input_precision=INPUT_PRECISION)
     tl.store(GRAD_K + cols[:, None] * stride_gk + dims[None, :], acc, mask=col_ok[:, None] & dim_ok[None, :])
 
@@ -220,6 +225,7 @@ class TritonCosineContrastiveLoss(torch.autograd.Function):
         block_m: int | None,
         block_n: int | None,
         allow_tf32: bool,
+        reduction: str,
     ) -> torch.Tensor:
         num_rows, dim = queries.shape
         num_cols = keys.shape[0]
@@ -238,16 +244,16 @@ class TritonCosineContrastiveLoss(torch.autograd.Function):
             INPUT_PRECISION=_precision(u.dtype, allow_tf32), **launch,
         )  # fmt: skip
         ctx.save_for_backward(queries, keys, positives, temperature, qid, kid, lse)
-        ctx.config = (has_mask, block_m, block_n, allow_tf32)
-        return (lse - pos_logit).mean()
+        ctx.config = (has_mask, block_m, block_n, allow_tf32, reduction)
+        return finish_loss(lse - pos_logit, reduction)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         queries, keys, positives, temperature, qid, kid, lse = ctx.saved_tensors
-        has_mask, block_m, block_n, allow_tf32 = ctx.config
+        has_mask, block_m, block_n, allow_tf32, reduction = ctx.config
         need_q, need_k, _, need_t = ctx.needs_input_grad[:4]
         if not (need_q or need_k or need_t):
-            return (None,) * 9
+            return (None,) * 10
         num_rows, dim = queries.shape
         num_cols = keys.shape[0]
         q_unit, q_norm, k_unit32, k_norm, u32 = prepare_inputs(queries, keys, temperature)
@@ -257,30 +263,29 @@ class TritonCosineContrastiveLoss(torch.autograd.Function):
             HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
             INPUT_PRECISION=_precision(u.dtype, allow_tf32), **launch,
         )  # fmt: skip
+        weights = row_weights(grad_out, num_rows, reduction, torch.float32)  # (B,) dL/dloss_i
         grad_u = grad_k_unit = None
         if need_q or need_t:
             grad_u = torch.empty(num_rows, dim, dtype=torch.float32, device=u.device)
             _contrastive_bwd_queries_kernel[(triton.cdiv(num_rows, bm),)](
-                u, k_unit, positives, qid, kid, lse, grad_u,
+                u, k_unit, positives, qid, kid, lse, weights, grad_u,
                 num_rows, num_cols, dim, u.stride(0), k_unit.stride(0), grad_u.stride(0), **meta,
             )  # fmt: skip
             grad_u = grad_u.to(u32.dtype)
         if need_k:
             grad_k_unit = torch.empty(num_cols, dim, dtype=torch.float32, device=u.device)
             _contrastive_bwd_keys_kernel[(triton.cdiv(num_cols, bn),)](
-                u, k_unit, positives, qid, kid, lse, grad_k_unit,
+                u, k_unit, positives, qid, kid, lse, weights, grad_k_unit,
                 num_rows, num_cols, dim, u.stride(0), k_unit.stride(0), grad_k_unit.stride(0), **meta,
             )  # fmt: skip
             grad_k_unit = grad_k_unit.to(u32.dtype)
-        grad_q, grad_k, grad_t = finish_backward(
-            grad_out, grad_u, grad_k_unit, q_unit, q_norm, k_unit32, k_norm, temperature, num_rows, need_t
-        )
+        grad_q, grad_k, grad_t = finish_backward(grad_u, grad_k_unit, q_unit, q_norm, k_unit32, k_norm, temperature, need_t)
         return (
             grad_q.to(queries.dtype) if need_q else None,
             grad_k.to(keys.dtype) if need_k else None,
             None,
             grad_t.to(temperature.device, temperature.dtype) if need_t else None,
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )  # fmt: skip
 
 
@@ -312,9 +317,11 @@ def cosine_contrastive_loss_triton(
     block_m: int | None = None,
     block_n: int | None = None,
     allow_tf32: bool = False,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Same contract as ``cosine_contrastive_loss_reference``; block sizes default from d
     (tests pass 16 to cover many tiles on small shapes)."""
+    check_reduction(reduction)
     if (query_item_ids is None) != (key_item_ids is None):
         query_item_ids = key_item_ids = None  # the reference masks only with both
     if queries.dtype == torch.float64:
@@ -329,6 +336,7 @@ def cosine_contrastive_loss_triton(
         block_m,
         block_n,
         allow_tf32,
+        reduction,
     )
 
 
@@ -347,7 +355,7 @@ def compile_ahead_of_time(
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     bm, bn, bd, launch = _block_sizes(dim, torch_dtype, None, None)
     types = {"U": f"*{dtype}", "K": f"*{dtype}", "POS": "*i64", "QID": "*i64", "KID": "*i64"}
-    types.update({name: "*fp32" for name in ("LSE", "POS_LOGIT", "GRAD_U", "GRAD_K")})
+    types.update({name: "*fp32" for name in ("LSE", "POS_LOGIT", "W", "GRAD_U", "GRAD_K")})
     constants = dict(
         HAS_MASK=has_mask, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
         INPUT_PRECISION=_precision(torch_dtype, allow_tf32=False),

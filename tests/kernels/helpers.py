@@ -39,3 +39,13 @@ def loss_and_grads(loss_fn, queries, keys, positives, temperature, query_ids, ke
     loss = loss_fn(queries, keys, positives, temperature, query_ids, key_ids, **kwargs)
     grads = torch.autograd.grad(loss, [queries, keys, temperature])
     return (loss, *grads)
+
+
+def per_row_loss_and_grads(loss_fn, queries, keys, positives, temperature, query_ids, key_ids, **kwargs):
+    """(losses (B,), and the gradients of sum_i w_i loss_i) of ``reduction="none"``, with fixed
+    random per-row weights w (some negative), so that the backward's per-row scaling is checked."""
+    losses = loss_fn(queries, keys, positives, temperature, query_ids, key_ids, reduction="none", **kwargs)
+    assert losses.shape == (queries.shape[0],)
+    weights = torch.linspace(-1.0, 2.0, queries.shape[0], dtype=losses.dtype, device=losses.device)
+    grads = torch.autograd.grad((losses * weights).sum(), [queries, keys, temperature])
+    return (losses, *grads)

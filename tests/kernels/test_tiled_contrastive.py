@@ -11,7 +11,7 @@ from cobra_kernels import cosine_contrastive_loss
 from cobra_kernels.reference import cosine_contrastive_loss_reference
 from cobra_kernels.tiled_contrastive import TiledCosineContrastiveLoss, auto_chunk_size, cosine_contrastive_loss_tiled
 
-from .helpers import loss_and_grads, make_batch
+from .helpers import loss_and_grads, make_batch, per_row_loss_and_grads
 
 
 def assert_matches_reference(batch, atol, rtol, **kwargs):
@@ -82,7 +82,7 @@ def test_gradcheck_float64():
     )
 
     def fn(q, k, t):
-        return TiledCosineContrastiveLoss.apply(q, k, positives, t, query_ids, key_ids, 4)
+        return TiledCosineContrastiveLoss.apply(q, k, positives, t, query_ids, key_ids, 4, "mean")
 
     assert torch.autograd.gradcheck(fn, (queries, keys, temperature))
 
@@ -91,7 +91,7 @@ def test_gradcheck_float64_no_mask_one_row_chunks():
     queries, keys, positives, temperature, _, _ = make_batch(5, 4, 3, dtype=torch.float64, temperature=0.3)
 
     def fn(q, k, t):
-        return TiledCosineContrastiveLoss.apply(q, k, positives, t, None, None, 1)
+        return TiledCosineContrastiveLoss.apply(q, k, positives, t, None, None, 1, "mean")
 
     assert torch.autograd.gradcheck(fn, (queries, keys, temperature))
 
@@ -173,3 +173,27 @@ def test_dispatcher_tiled_forwards_chunk_size():
         cosine_contrastive_loss(*batch, impl="tiled", chunk_size=3),
         cosine_contrastive_loss_reference(*batch),
     )
+
+
+@pytest.mark.parametrize("num_items, chunk_size", [(None, 8), (7, 5), (7, None)])
+def test_tiled_per_row_losses_match_reference(num_items, chunk_size):
+    """reduction="none": the per-row losses and a per-row-weighted backward (the dense repeat bias builds on them)."""
+    batch = make_batch(37, 53, 24, num_items=num_items, seed=3)
+    expected = per_row_loss_and_grads(cosine_contrastive_loss_reference, *batch)
+    actual = per_row_loss_and_grads(cosine_contrastive_loss_tiled, *batch, chunk_size=chunk_size)
+    for name, a, e in zip(("losses", "grad_queries", "grad_keys", "grad_temperature"), actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    mean = cosine_contrastive_loss_tiled(*batch, chunk_size=chunk_size)
+    torch.testing.assert_close(actual[0].mean(), mean)
+
+
+def test_tiled_per_row_gradcheck():
+    queries, keys, positives, temp, qids, kids = make_batch(9, 13, 5, num_items=4, dtype=torch.float64, seed=1)
+    fn = lambda q, k, t: cosine_contrastive_loss_tiled(q, k, positives, t, qids, kids, chunk_size=4, reduction="none")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (queries, keys, temp))
+
+
+@pytest.mark.parametrize("impl", ["reference", "tiled"])
+def test_unknown_reduction_is_refused(impl):
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        cosine_contrastive_loss(*make_batch(4, 5, 3), impl=impl, reduction="sum")

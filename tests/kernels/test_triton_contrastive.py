@@ -21,7 +21,7 @@ import torch
 from cobra_kernels import cosine_contrastive_loss
 from cobra_kernels.reference import cosine_contrastive_loss_reference
 
-from .helpers import loss_and_grads, make_batch
+from .helpers import loss_and_grads, make_batch, per_row_loss_and_grads
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETER or not torch.cuda.is_available() else "cuda"
@@ -61,7 +61,7 @@ def test_cases_under_interpreter():
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-2000:]
-    assert f"{len(CASES) + 2} passed" in out.stdout, out.stdout[-2000:]
+    assert f"{len(CASES) + 3} passed" in out.stdout, out.stdout[-2000:]
 
 # (B, N, d, num_items, block_m, block_n, atol, rtol)
 CASES = [
@@ -106,6 +106,16 @@ def test_triton_only_queries_need_grad(triton_contrastive):
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.autograd.grad(loss, queries)[0], torch.autograd.grad(expected, queries)[0],
                                atol=1e-5, rtol=1e-5)
+
+
+@needs_triton_runtime
+def test_triton_per_row_losses(triton_contrastive):
+    """reduction="none": per-row losses, and the backward's per-row weights in both gradient kernels."""
+    batch = _on_device(make_batch(37, 53, 24, num_items=7, seed=5))
+    expected = per_row_loss_and_grads(cosine_contrastive_loss_reference, *batch)
+    actual = per_row_loss_and_grads(triton_contrastive.cosine_contrastive_loss_triton, *batch, block_m=16, block_n=16)
+    for name, a, e in zip(("losses", "grad_queries", "grad_keys", "grad_temperature"), actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.slow

@@ -481,3 +481,132 @@ def test_repeat_positions_needs_repeat_bias():
         tiny_model(repeat_positions=2)
     with pytest.raises(ConfigError, match="repeat_positions"):
         tiny_model(repeat_bias=True, repeat_positions=0)
+
+
+# ---------------------------------------------------------------- dense_repeat_bias
+
+
+def _captured_dense_inputs(model, b, monkeypatch, **kw):
+    """Run the model on ``b`` and return (losses, the dense loss's first call's pred / keys / temperature)."""
+    import cobra_scale.model.cobra as cobra_mod
+
+    seen = {}
+    original = cobra_mod.dense_contrastive_loss
+
+    def spy(pred, keys, *args, **kwargs):
+        seen.setdefault("pred", pred.detach())
+        seen.setdefault("keys", keys.detach())
+        seen.setdefault("t", args[1].detach())
+        return original(pred, keys, *args, **kwargs)
+
+    monkeypatch.setattr(cobra_mod, "dense_contrastive_loss", spy)
+    return model(b, **kw), seen
+
+
+def _brute_dense(pred, keys, key_row, seq, t, offsets):
+    """Mean over predictions of the dense cross-entropy with the offsets added to the logits of the row's history
+    keys (the most recent occurrence's recency bucket), written out with a full (P, N) logit matrix."""
+    logits = torch.nn.functional.normalize(pred, dim=-1) @ torch.nn.functional.normalize(keys, dim=-1).T / t
+    losses, p = [], 0
+    for row in seq:
+        for i in range(1, len(row)):
+            if row[i] < 0 or row[i - 1] < 0:
+                continue
+            bias = torch.zeros(keys.shape[0])
+            for j in range(i):  # oldest first: a later occurrence overwrites
+                if row[j] >= 0:
+                    bias[key_row(row[j])] = offsets[min(i - 1 - j, len(offsets) - 1)]
+            losses.append(torch.nn.functional.cross_entropy((logits[p] + bias)[None], torch.tensor([key_row(row[i])])))
+            p += 1
+    return torch.stack(losses).mean()
+
+
+SEQ = [[1, 2, 1, 3, 2, 1], [-1, -1, 4, 4, 5, 4], [-1, 6, 7, 8, 9, 10]]
+
+
+@pytest.mark.parametrize("positions, offsets", [(1, [-1.3]), (3, [-1.5, 0.7, 0.3])])
+def test_dense_repeat_bias_equals_the_loss_with_the_offsets_on_the_history_keys(monkeypatch, positions, offsets):
+    model = tiny_model(dense_repeat_bias=True, dense_repeat_positions=positions, random_prefix=False)
+    with torch.no_grad():
+        model.dense_repeat.logit.copy_(torch.tensor(offsets).view_as(model.dense_repeat.logit))
+    out, seen = _captured_dense_inputs(model, batch(SEQ), monkeypatch)
+    want = _brute_dense(seen["pred"], seen["keys"], lambda item: item, SEQ, seen["t"], offsets)
+    torch.testing.assert_close(out.dense.detach(), want, atol=1e-5, rtol=1e-5)
+    out.total.backward()
+    assert model.dense_repeat.logit.grad is not None and bool((model.dense_repeat.logit.grad != 0).any())
+
+
+def test_dense_repeat_bias_on_the_bank_term(monkeypatch):
+    model = tiny_model(dense_repeat_bias=True, dense_repeat_positions=2, random_prefix=False)
+    with torch.no_grad():
+        model.dense_repeat.logit.copy_(torch.tensor([[-2.0, 0.5]]))
+    bank_keys, bank_ids = torch.randn(14, D), torch.arange(14)  # the catalogue's 12 items and two more
+    out, seen = _captured_dense_inputs(model, batch(SEQ), monkeypatch, bank_keys=bank_keys, bank_ids=bank_ids)
+    in_batch = _brute_dense(seen["pred"], seen["keys"], lambda item: item, SEQ, seen["t"], [-2.0, 0.5])
+    bank = _brute_dense(seen["pred"], bank_keys, lambda item: item, SEQ, seen["t"], [-2.0, 0.5])
+    torch.testing.assert_close(out.dense.detach(), in_batch + bank, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_repeat_bias_at_zero_is_the_plain_model():
+    model = tiny_model(dense_repeat_bias=True, random_prefix=False)
+    plain = tiny_model(random_prefix=False)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "dense_repeat.logit"})
+    torch.testing.assert_close(model(batch(SEQ)).dense, plain(batch(SEQ)).dense)
+
+
+def test_dense_repeat_bias_config_is_checked():
+    from cobra_scale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dense_repeat_bias"):
+        tiny_model(dense_repeat_bias=True, use_dense=False)
+    with pytest.raises(ConfigError, match="dense_repeat_positions"):
+        tiny_model(dense_repeat_positions=2)
+
+
+def test_history_item_offsets_take_the_most_recent_occurrence():
+    model = tiny_model(dense_repeat_bias=True, dense_repeat_positions=3)
+    with torch.no_grad():
+        model.dense_repeat.logit.copy_(torch.tensor([[-4.0, -2.0, -1.0]]))
+    history = torch.tensor([[-1, 5, 3, 5, 7]])  # 7 last, 5 one back (and three back), 3 two back
+    cand = torch.tensor([[[7, 5, 3, 9, -1]]])
+    t = float(model.temperature.detach())
+    want = torch.tensor([[[-4.0 * t, -2.0 * t, -1.0 * t, 0.0, 0.0]]])
+    torch.testing.assert_close(model.history_item_offsets(cand, history), want)
+    assert tiny_model().history_item_offsets(cand, history) is None
+
+
+@pytest.mark.parametrize("mode, normalize", [("cobra", "per_beam"), ("cobra", "global"), ("no_fusion", "per_beam")])
+def test_recommender_applies_the_dense_repeat_bias(mode, normalize):
+    """Offsets at zero: the plain model. Very negative: history items only after every other candidate (with
+    per-beam BeamFusion the offset acts inside an ID only, so that case checks the zero offsets alone)."""
+    model = tiny_model(dense_repeat_bias=True)
+    tokens, mask, codes = catalogue()
+    vec = model.encode_items(tokens, mask).detach()
+    rec = Recommender(model, codes, vec)
+    hist = torch.tensor([[-1, 0, 1, 2], [3, 4, 5, 3]])
+    params = InferenceParams(mode=mode, beams=6, normalize=normalize)
+    plain = tiny_model()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "dense_repeat.logit"})
+    items0, scores0 = rec.recommend(hist, 8, params)
+    items_p, scores_p = Recommender(plain, codes, vec).recommend(hist, 8, params)
+    assert torch.equal(items0, items_p)
+    torch.testing.assert_close(scores0, scores_p)
+    if normalize == "per_beam" and mode == "cobra":
+        return
+    with torch.no_grad():
+        model.dense_repeat.logit.fill_(-1e4)
+    items, _ = rec.recommend(hist, 8, params)
+    masked, _ = rec.recommend(hist, 8, InferenceParams(mode=mode, beams=6, normalize=normalize, exclude_history=True))
+    for row in range(2):
+        h = set(hist[row][hist[row] >= 0].tolist())
+        ranked = [i for i in items[row].tolist() if i >= 0]
+        others = [i for i in ranked if i not in h]
+        assert ranked[: len(others)] == others  # history items, if any, last
+        assert others == [i for i in masked[row].tolist() if i >= 0][: len(others)]
+    with torch.no_grad():
+        model.dense_repeat.logit.fill_(1e4)
+    items, _ = rec.recommend(hist, 8, params)
+    if mode == "no_fusion":  # every history item (once) comes first
+        for row in range(2):
+            h = set(hist[row][hist[row] >= 0].tolist())
+            assert set(items[row, : len(h)].tolist()) == h
