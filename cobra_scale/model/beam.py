@@ -192,6 +192,7 @@ def beam_fusion(
     tau: float,
     psi: float,
     normalize: str = "per_beam",
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BeamFusion scores of candidates.
 
@@ -200,17 +201,24 @@ def beam_fusion(
         cand_cos: (B, M, C) cosine of each beam's candidates with that beam's dense
             vector (-inf = padding / excluded).
         tau, psi: the temperatures of eq. 13.
+        shift: (B, M, C) or None, added to the cosine in the numerator of the cosine softmax
+            only (the model's ``dense_repeat_bias``): a candidate's probability is multiplied by
+            ``exp(psi * shift)`` and the other candidates are not renormalised, i.e. the factor
+            acts on the joint P(ID) x P(item | ID), as the offset does in the training's
+            softmax over all items (so an ID whose only item is a history item falls too).
 
     Returns:
-        (B, M, C) scores in [0, 1]; 0 for padding.
+        (B, M, C) scores (in [0, 1] without a positive shift); 0 for padding.
     """
     beam_p = torch.softmax(tau * beam_scores, dim=-1).nan_to_num(0.0)  # (B, M)
     logits = psi * cand_cos
     if normalize == "per_beam":
-        cand_p = torch.softmax(logits, dim=-1)
+        log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
     elif normalize == "global":
         b, m, c = logits.shape
-        cand_p = torch.softmax(logits.view(b, m * c), dim=-1).view(b, m, c)
+        log_norm = torch.logsumexp(logits.view(b, m * c), dim=-1).view(b, 1, 1)
     else:
         raise ValueError(f"normalize must be 'global' or 'per_beam', got {normalize!r}")
+    numerator = logits if shift is None else logits + psi * shift.to(logits.dtype)
+    cand_p = torch.exp(numerator - log_norm)
     return (beam_p[:, :, None] * cand_p.nan_to_num(0.0)).nan_to_num(0.0)

@@ -118,8 +118,8 @@ class Recommender:
             return self._liger(beams, k, exclude)
         if mode == "sparse_only":
             return self._sparse_ranking(beams, k, exclude)
-        candidates = self._repeat_shift(self._cobra_candidates(beams), history)
-        return self._fuse(self._exclude(candidates, exclude), k, params, self._prior_top(history, [params]), exclude)
+        candidates = self._cobra_candidates(beams)
+        return self._fuse(self._exclude(candidates, exclude), k, params, self._prior_top(history, [params]), exclude, self._repeat_shift(candidates, history))
 
     def _check_prior(self, params: InferenceParams) -> None:
         if not 0 <= params.prior_weight <= 1:
@@ -155,13 +155,9 @@ class Recommender:
         cos = cos.masked_fill(~torch.isfinite(beams.scores)[:, :, None], float("-inf"))
         return beams.scores, cand, cos
 
-    def _repeat_shift(self, candidates, history: torch.Tensor):
-        """The model's ``dense_repeat_bias``: candidates that are history items get their offset on the cosine."""
-        shift = self.model.history_item_offsets(candidates[1], history)
-        if shift is None:
-            return candidates
-        beam_scores, cand, cos = candidates
-        return beam_scores, cand, cos + shift.to(cos.dtype)
+    def _repeat_shift(self, candidates, history: torch.Tensor) -> torch.Tensor | None:
+        """The model's ``dense_repeat_bias`` on the cosine of each candidate (B, M, C) (0 off the history), or None."""
+        return self.model.history_item_offsets(candidates[1], history)
 
     def _search(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None, history: torch.Tensor):
         """Nearest items of ``queries`` (B, d) over the catalogue, with the model's ``dense_repeat_bias``: the
@@ -192,12 +188,14 @@ class Recommender:
         return beam_scores, cand, cos.masked_fill(hit.any(-1), float("-inf"))
 
     @staticmethod
-    def _fuse(candidates, k: int, params: InferenceParams, prior_top=None, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """BeamFusion of :meth:`_cobra_candidates`, top ``k``; mixed with the prior's ``prior_top``
-        (items, p) when ``params.prior_weight > 0`` (history items of ``exclude`` removed from both)."""
+    def _fuse(
+        candidates, k: int, params: InferenceParams, prior_top=None, exclude: torch.Tensor | None = None, shift: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """BeamFusion of :meth:`_cobra_candidates` (with the repeat ``shift`` of :meth:`_repeat_shift`), top ``k``; mixed
+        with the prior's ``prior_top`` (items, p) when ``params.prior_weight > 0`` (history items of ``exclude`` removed from both)."""
         beam_scores, cand, cos = candidates
         b = cand.shape[0]
-        fused = beam_fusion(beam_scores, cos, params.tau, params.psi, params.normalize)
+        fused = beam_fusion(beam_scores, cos, params.tau, params.psi, params.normalize, shift)
         fused = fused.masked_fill(~torch.isfinite(cos), float("-inf"))
         items, scores = cand.view(b, -1), fused.view(b, -1)
         if params.prior_weight > 0:
@@ -235,10 +233,11 @@ class Recommender:
                 for i in members:
                     out[i] = self._sparse_ranking(beams, k, history if settings[i].exclude_history else None)
                 continue
-            candidates = self._repeat_shift(self._cobra_candidates(beams), history)
+            candidates = self._cobra_candidates(beams)
+            shift = self._repeat_shift(candidates, history)
             for i in members:
                 exclude = history if settings[i].exclude_history else None
-                out[i] = self._fuse(self._exclude(candidates, exclude), k, settings[i], prior_top, exclude)
+                out[i] = self._fuse(self._exclude(candidates, exclude), k, settings[i], prior_top, exclude, shift)
         return out
 
     def _liger(self, beams, k: int, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

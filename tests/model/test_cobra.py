@@ -242,6 +242,15 @@ def test_beam_fusion_hand_computed():
     glob = beam_fusion(beam_scores, cos, tau=1.0, psi=2.0, normalize="global")
     z = math.exp(1.8) + math.exp(0.2) + math.exp(1.0)
     torch.testing.assert_close(glob[0, 1, 0], pb[1] * math.exp(1.0) / z)
+    # a repeat shift of -0.5 on the cosine of the lone candidate of beam 1 and of candidate 0 of beam 0:
+    # their probabilities are multiplied by exp(psi * -0.5), the others keep theirs (no renormalisation)
+    shift = torch.tensor([[[-0.5, 0.0], [-0.5, 0.0]]])
+    got = beam_fusion(beam_scores, cos, tau=1.0, psi=2.0, normalize="per_beam", shift=shift)
+    f = math.exp(-1.0)
+    expected = torch.tensor([[[pb[0] * c0[0] * f, pb[0] * c0[1]], [pb[1] * f, 0.0]]])
+    torch.testing.assert_close(got, expected)
+    glob = beam_fusion(beam_scores, cos, tau=1.0, psi=2.0, normalize="global", shift=shift)
+    torch.testing.assert_close(glob[0, 1, 0], pb[1] * math.exp(1.0) * f / z)
 
 
 def test_exact_index_buckets_and_exclusion():
@@ -577,8 +586,8 @@ def test_history_item_offsets_take_the_most_recent_occurrence():
 
 @pytest.mark.parametrize("mode, normalize", [("cobra", "per_beam"), ("cobra", "global"), ("no_fusion", "per_beam")])
 def test_recommender_applies_the_dense_repeat_bias(mode, normalize):
-    """Offsets at zero: the plain model. Very negative: history items only after every other candidate (with
-    per-beam BeamFusion the offset acts inside an ID only, so that case checks the zero offsets alone)."""
+    """Offsets at zero: the plain model. Very negative: history items only after every other candidate, in
+    per-beam BeamFusion too (the factor acts on the joint probability, so a history item alone in its ID falls)."""
     model = tiny_model(dense_repeat_bias=True)
     tokens, mask, codes = catalogue()
     vec = model.encode_items(tokens, mask).detach()
@@ -591,8 +600,6 @@ def test_recommender_applies_the_dense_repeat_bias(mode, normalize):
     items_p, scores_p = Recommender(plain, codes, vec).recommend(hist, 8, params)
     assert torch.equal(items0, items_p)
     torch.testing.assert_close(scores0, scores_p)
-    if normalize == "per_beam" and mode == "cobra":
-        return
     with torch.no_grad():
         model.dense_repeat.logit.fill_(-1e4)
     items, _ = rec.recommend(hist, 8, params)
