@@ -447,7 +447,8 @@ def run(cfg: TrainConfig) -> dict:
                 trim_host_memory()
             bar.set_postfix(sparse=f"{float(losses.sparse.detach()):.3f}", dense=f"{float(losses.dense.detach()):.3f}")
         record = {"epoch": epoch, "step": state["step"], **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
-                  "temperature": float(model.temperature.detach()), "elapsed_s": round(time.perf_counter() - started, 1)}
+                  "temperature": float(model.temperature.detach()), "elapsed_s": round(time.perf_counter() - started, 1),
+                  **repeat_offsets(model)}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             record["valid"] = validate_and_keep_best(model, catalogue, valid, params, device, state, epoch, cfg, out)
         state["epoch"] = epoch
@@ -517,8 +518,20 @@ def _dense_impl_name(impl: str, device: torch.device) -> str:
     return resolve_impl(impl, device)
 
 
+def repeat_offsets(model) -> dict:
+    """The learned repeat offsets of a model, for the training history: {"repeat_offsets": [...], "dense_repeat_offsets": [...]}
+    (each present only when the model has that bias)."""
+    out = {}
+    for key, module in (("repeat_offsets", getattr(model, "repeat", None)), ("dense_repeat_offsets", getattr(model, "dense_repeat", None))):
+        if module is not None:
+            out[key] = [round(float(v), 4) for v in module.logit.detach().float().reshape(-1)]
+    return out
+
+
 def _fmt(record: dict) -> str:
     parts = [f"sparse {record['train_sparse']:.3f}", f"dense {record['train_dense']:.3f}", f"T {record['temperature']:.3f}"]
+    if "dense_repeat_offsets" in record:
+        parts.append("dense repeat " + "/".join(f"{v:+.2f}" for v in record["dense_repeat_offsets"]))
     if "valid" in record:
         parts += [f"valid {k} {v:.4f}" for k, v in record["valid"].items()]
     return ", ".join(parts)

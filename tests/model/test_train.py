@@ -221,3 +221,14 @@ def test_time_budget_stops_before_an_epoch_that_would_overshoot(data, tmp_path):
     # a budget far below one epoch: one epoch is trained (the first is always run), then it stops, saying why
     summary = run(config(data, tmp_path / "run", "epochs=3", "max_minutes=1e-6"))
     assert summary["epochs"] == 1 and summary["stopped_by"].startswith("time budget") and "would end past it" in summary["stopped_by"]
+
+
+def test_dense_repeat_bias_trains_and_round_trips(data, tmp_path):
+    """The repeat offsets are recorded per epoch, and the reloaded model has the saved offsets."""
+    out = tmp_path / "drb"
+    run(config(data, out, "epochs=1", "model.repeat_bias=true", "model.dense_repeat_bias=true", "model.dense_repeat_positions=2"))
+    record = json.loads((out / "history.json").read_text())[0]
+    assert len(record["dense_repeat_offsets"]) == 2 and len(record["repeat_offsets"]) == 2  # tiny_dataset: 2 levels
+    assert any(v != 0 for v in record["dense_repeat_offsets"])  # learned, not left at zero
+    model, _, _, _ = load_run(out)
+    assert model.dense_repeat is not None and tuple(model.dense_repeat.logit.shape) == (1, 2)
