@@ -101,6 +101,13 @@ class RepeatBias(nn.Module):
         return self.logit[level].reshape(-1)
 
 
+def nearest_bucket(match: torch.Tensor, recency: torch.Tensor, positions: int) -> torch.Tensor:
+    """Recency bucket of the most recent matching history item: ``match`` (R, X, S) bool, ``recency`` (R, S) items back
+    -> (R, X) in ``0..positions-1`` (the last bucket for every older item; where nothing matches, the last too)."""
+    far = torch.iinfo(torch.long).max
+    return torch.where(match, recency[:, None, :], far).amin(-1).clamp(max=positions - 1)
+
+
 class CobraModel(nn.Module):
     def __init__(self, cfg: CobraConfig):
         super().__init__()
@@ -212,9 +219,7 @@ class CobraModel(nn.Module):
             else:
                 if recency is None:
                     raise ValueError("model.repeat_positions > 1 needs the history's recency (CobraModel.history_recency)")
-                far = torch.iinfo(torch.long).max
-                nearest = torch.where(match, recency[:, None, :], far).amin(-1)  # (P, K) recency of the closest match
-                bucket = nearest.clamp(max=self.repeat.positions - 1)
+                bucket = nearest_bucket(match, recency, self.repeat.positions)  # (P, K)
                 logits = logits + offsets[bucket] * seen.to(logits.dtype)
         if self.prefix_emb is not None:
             k = self.cfg.codes
@@ -236,11 +241,8 @@ class CobraModel(nn.Module):
         b, s = history.shape
         flat = candidates.reshape(b, -1)
         match = (flat[:, :, None] == history[:, None, :]) & (history[:, None, :] >= 0) & (flat[:, :, None] >= 0)  # (B, X, S)
-        recency = self.history_recency(history >= 0)  # (B, S)
-        far = torch.iinfo(torch.long).max
-        nearest = torch.where(match, recency[:, None, :], far).amin(-1)  # (B, X)
-        offsets = self.dense_repeat(0).detach().float()
-        shift = offsets[nearest.clamp(max=self.dense_repeat.positions - 1)] * match.any(-1)
+        bucket = nearest_bucket(match, self.history_recency(history >= 0), self.dense_repeat.positions)  # (B, X)
+        shift = self.dense_repeat(0).detach().float()[bucket] * match.any(-1)
         return (self.temperature.detach().float() * shift).view(candidates.shape)
 
     def _dense_repeat_rows(

@@ -119,7 +119,7 @@ class Recommender:
         if mode == "sparse_only":
             return self._sparse_ranking(beams, k, exclude)
         candidates = self._cobra_candidates(beams)
-        return self._fuse(self._exclude(candidates, exclude), k, params, self._prior_top(history, [params]), exclude, self._repeat_shift(candidates, history))
+        return self._fuse(self._exclude(candidates, exclude), k, params, self._prior_top(history, [params]), exclude, self.model.history_item_offsets(candidates[1], history))
 
     def _check_prior(self, params: InferenceParams) -> None:
         if not 0 <= params.prior_weight <= 1:
@@ -155,10 +155,6 @@ class Recommender:
         cos = cos.masked_fill(~torch.isfinite(beams.scores)[:, :, None], float("-inf"))
         return beams.scores, cand, cos
 
-    def _repeat_shift(self, candidates, history: torch.Tensor) -> torch.Tensor | None:
-        """The model's ``dense_repeat_bias`` on the cosine of each candidate (B, M, C) (0 off the history), or None."""
-        return self.model.history_item_offsets(candidates[1], history)
-
     def _search(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None, history: torch.Tensor):
         """Nearest items of ``queries`` (B, d) over the catalogue, with the model's ``dense_repeat_bias``: the
         index's top ``k + S`` (so that k non-history items remain) with the history items re-scored exactly."""
@@ -191,7 +187,7 @@ class Recommender:
     def _fuse(
         candidates, k: int, params: InferenceParams, prior_top=None, exclude: torch.Tensor | None = None, shift: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """BeamFusion of :meth:`_cobra_candidates` (with the repeat ``shift`` of :meth:`_repeat_shift`), top ``k``; mixed
+        """BeamFusion of :meth:`_cobra_candidates` (with the model's ``dense_repeat_bias`` ``shift``, :meth:`CobraModel.history_item_offsets`), top ``k``; mixed
         with the prior's ``prior_top`` (items, p) when ``params.prior_weight > 0`` (history items of ``exclude`` removed from both)."""
         beam_scores, cand, cos = candidates
         b = cand.shape[0]
@@ -234,7 +230,7 @@ class Recommender:
                     out[i] = self._sparse_ranking(beams, k, history if settings[i].exclude_history else None)
                 continue
             candidates = self._cobra_candidates(beams)
-            shift = self._repeat_shift(candidates, history)
+            shift = self.model.history_item_offsets(candidates[1], history)  # dense_repeat_bias, or None
             for i in members:
                 exclude = history if settings[i].exclude_history else None
                 out[i] = self._fuse(self._exclude(candidates, exclude), k, settings[i], prior_top, exclude, shift)

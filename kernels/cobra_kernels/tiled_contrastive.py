@@ -103,11 +103,12 @@ class TiledCosineContrastiveLoss(torch.autograd.Function):
             probs.sub_(lse[rows, None]).exp_()  # softmax, masked columns -> 0
             local = torch.arange(n, device=probs.device)
             probs[local, positives[rows]] -= 1.0  # G = softmax - onehot
-            probs.mul_(weights[rows, None])
+            # the row weights go on the (n, d) operands, not the (n, N) block: sum_i w_i G_ij u_i = sum_i G_ij (w_i u_i)
+            w = weights[rows, None]
             if grad_u is not None:
-                torch.mm(probs, k_unit, out=grad_u[rows])
+                torch.mm(probs, k_unit, out=grad_u[rows]).mul_(w)
             if grad_k_unit is not None:
-                grad_k_unit.addmm_(probs.t(), u[rows])
+                grad_k_unit.addmm_(probs.t(), u[rows] * w)
         grad_q, grad_k, grad_t = finish_backward(grad_u, grad_k_unit, q_unit, q_norm, k_unit, k_norm, temperature, need_t)
         return (
             grad_q.to(queries.dtype) if need_q else None,
