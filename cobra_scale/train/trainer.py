@@ -402,6 +402,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.id_embedding_init == "behaviour" and not resuming:
         init_id_rows(model, catalogue, split / "train", cfg, device)
     optimizer = make_optimizer(model, cfg)
+    ema = make_ema(model, cfg.ema_decay)
     lengths = np.array([len(w) for w in windows])
     steps_per_epoch = len(epoch_batches(lengths, cfg, 0))
     if cfg.steps_per_epoch:
@@ -412,6 +413,8 @@ def run(cfg: TrainConfig) -> dict:
         load_weights(model, last)
         load_optimizer_checkpoint(model, optimizer, scheduler, torch.load(last / "optimizer.pt", map_location=device, weights_only=True))
         state = json.loads((last / "state.json").read_text())
+        if ema is not None:
+            load_ema(ema, last)
         log.info("resumed from %s at epoch %d (step %d)", last, state["epoch"], state["step"])
     log.info(
         "%d training windows (%d targets), %d steps/epoch, %d valid users, %.2fM parameters, dense loss: %s",
@@ -440,6 +443,8 @@ def run(cfg: TrainConfig) -> dict:
             chunk = [windows[j] for j in batches[i]]
             batch = batch_to(trim_tokens(collate(chunk, catalogue, cfg.dense_negatives, rng)), device)
             losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, precision, bank=bank)
+            if ema is not None:
+                ema.update_parameters(model)
             for k in sums:
                 sums[k] += float(getattr(losses, k).detach())
             state["step"] += 1
@@ -450,10 +455,10 @@ def run(cfg: TrainConfig) -> dict:
                   "temperature": float(model.temperature.detach()), "elapsed_s": round(time.perf_counter() - started, 1),
                   **repeat_offsets(model)}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            record["valid"] = validate_and_keep_best(model, catalogue, valid, params, device, state, epoch, cfg, out)
+            record["valid"] = validate_and_keep_best(model if ema is None else ema.module, catalogue, valid, params, device, state, epoch, cfg, out)
         state["epoch"] = epoch
         state["history"].append(record)
-        _save_last(model, optimizer, scheduler, state, last)
+        _save_last(model, optimizer, scheduler, state, last, ema)
         log.info("epoch %d: %s", epoch, _fmt(record))
         if state["bad_evals"] >= cfg.patience:
             stop_reason = f"early stop (no improvement in {cfg.patience} validations)"
@@ -502,10 +507,36 @@ def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, epoch: int) -> list[np.
     return [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
 
 
-def _save_last(model, optimizer, scheduler, state: dict, folder: Path) -> None:
+def make_ema(model: CobraModel, decay: float):
+    """An exponential moving average of ``model``'s parameters (``torch.optim.swa_utils.AveragedModel``), or None at decay 0.
+
+    Its first update copies the weights; each later one moves the average ``1 - decay`` of the way to them.
+    Buffers are not averaged (the model's are constant index tensors)."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+
+def load_ema(ema, folder: Path) -> None:
+    """Restore the average saved beside a resumable checkpoint (ema.safetensors, with its update count)."""
+    from safetensors.torch import load_file
+
+    path = folder / "ema.safetensors"
+    if not path.is_file():
+        raise CobraError(f"{folder} has no ema.safetensors: the run was started without ema_decay (set ema_decay=0 or use a new out)")
+    ema.load_state_dict(load_file(str(path)))
+
+
+def _save_last(model, optimizer, scheduler, state: dict, folder: Path, ema=None) -> None:
+    from safetensors.torch import save_file
+
     tmp = folder.with_name(".last.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_weights(model, tmp)
+    if ema is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
     torch.save(optimizer_checkpoint(model, optimizer, scheduler), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(folder, ignore_errors=True)

@@ -232,3 +232,41 @@ def test_dense_repeat_bias_trains_and_round_trips(data, tmp_path):
     assert any(v != 0 for v in record["dense_repeat_offsets"])  # learned, not left at zero
     model, _, _, _ = load_run(out)
     assert model.dense_repeat is not None and tuple(model.dense_repeat.logit.shape) == (1, 2)
+
+
+def test_ema_weights_are_validated_kept_and_resumed(data, tmp_path):
+    """With ema_decay the best checkpoint holds the average, not the raw weights, and resume restores the average."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ema"
+    run(config(data, out, "epochs=1", "ema_decay=0.9"))
+    best = load_file(str(out / "best" / "model.safetensors"))
+    raw = load_file(str(out / "checkpoints" / "last" / "model.safetensors"))
+    ema = load_file(str(out / "checkpoints" / "last" / "ema.safetensors"))
+    steps = json.loads((out / "checkpoints" / "last" / "state.json").read_text())["step"]
+    assert int(ema["n_averaged"]) == steps > 1
+    key = "decoder.blocks.0.qkv.weight"
+    assert torch_equal(best[key], ema[f"module.{key}"]) and not torch_equal(best[key], raw[key])
+    summary = run(config(data, out, "epochs=2", "ema_decay=0.9"))  # resumes the average
+    assert summary["epochs"] == 2
+    assert int(load_file(str(out / "checkpoints" / "last" / "ema.safetensors"))["n_averaged"]) > steps
+    # resuming a run made without the average is a clear error, not a silent restart of it
+    from cobra_scale.errors import CobraError
+
+    run(config(data, tmp_path / "plain", "epochs=1"))
+    with pytest.raises(CobraError, match="without ema_decay"):
+        run(config(data, tmp_path / "plain", "epochs=2", "ema_decay=0.9"))
+
+
+@pytest.mark.parametrize("extra, message", [(["ema_decay=1"], r"\[0, 1\)"), (["ema_decay=0.99", "launcher=ray"], "local launcher only")])
+def test_ema_bad_settings(data, tmp_path, extra, message):
+    from cobra_scale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        config(data, tmp_path / "bad", *extra)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
