@@ -24,6 +24,16 @@ Stages (each skips what is already done, so a run can span sessions; logs in <ro
   ``--sparse-users``, as it needs 800 beams for 800 items), Recall/NDCG/diversity @ 50..800,
   settings chosen on the validation day.
 * ``table``: one Markdown table (and JSON) of every run's eval.
+* ``lines``: on ``line_size`` logs, how well each ID folder groups product lines: the mean share of a
+  line's items in its most common prefix at each level (a line's 8 items in one ID = 1.0), against the
+  same share for topics.
+
+IDs with behaviour (``cobra ids behaviour.*``: the quantiser's input is text + co-occurrence) go to a second
+root that links the first one's data, so both sets of runs share logs and splits::
+
+    mkdir -p ROOT_beh/ids && for x in raw sequences splits items.parquet; do ln -s "$(realpath ROOT/$x)" ROOT_beh/$x; done
+    ln -s "$(realpath ROOT/ids/embeddings.safetensors)" ROOT_beh/ids/   # the text embeddings, reused
+    python tools/bench_recall.py ids --root ROOT_beh -- behaviour.sequences=ROOT_beh/splits/time/train
 
 Extra ``key=value`` arguments after ``--`` go to ``cobra data synth`` (data, e.g. ``line_size=8``), every
 ``cobra train`` (train) or ``cobra eval`` (eval).
@@ -207,6 +217,40 @@ def stage_table(args, extra) -> None:
     (root / "recall_table.json").write_text(json.dumps({"rows": rows, "runs": meta}, indent=2))
 
 
+def stage_lines(args, extra) -> None:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    root = Path(args.root)
+    truth = pq.read_table(root / "raw" / "truth" / "items_truth.parquet")
+    if "line" not in truth.column_names:
+        raise SystemExit(f"{root}: the logs have no product lines (made without line_size)")
+    item = truth.column("item_id").to_numpy()
+    groups = {"line": truth.column("line").to_numpy(), "topic": truth.column("topic").to_numpy()}
+    report = {}
+    for folder in ("ids", "ids_item"):
+        path = root / folder / "sids.parquet"
+        if not path.is_file():
+            continue
+        sids = pq.read_table(path)
+        order = np.argsort(sids.column("item_id").to_numpy())
+        pos = order[np.searchsorted(sids.column("item_id").to_numpy(), item, sorter=order)]
+        codes = np.stack([sids.column(c).to_numpy()[pos] for c in sids.column_names if c.startswith("code_")], axis=1)
+        prefix = np.zeros(len(item), dtype=np.int64)
+        for level in range(codes.shape[1]):
+            prefix = prefix * 64 + codes[:, level]
+            row = {}
+            for name, g in groups.items():
+                pairs = np.unique(np.stack([g, prefix], axis=1), axis=0, return_counts=True)
+                top = np.zeros(g.max() + 1, dtype=np.int64)
+                np.maximum.at(top, pairs[0][:, 0], pairs[1])
+                row[f"{name}_share"] = round(float(np.mean(top[g] / np.bincount(g)[g])), 3)
+            row["distinct"] = int(len(np.unique(prefix)))
+            report[f"{folder} level {level + 1}"] = row
+            print(f"{folder} level {level + 1}: {row}", flush=True)
+    (root / "lines_report.json").write_text(json.dumps(report, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -214,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["data", "ids", "train", "index", "eval", "table"])
+    p.add_argument("stage", choices=["data", "ids", "train", "index", "eval", "table", "lines"])
     p.add_argument("--root", required=True, help="benchmark folder (data, ids, runs, logs)")
     p.add_argument("--users", type=int, default=None, help="data: users to generate (default 1M); eval: test users sampled (default 20k)")
     p.add_argument("--items", type=int, default=1_000_000)
@@ -233,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.users is None:
         args.users = 20_000 if args.stage == "eval" else 1_000_000
-    stage = {"data": stage_data, "ids": stage_ids, "train": stage_train, "index": stage_index, "eval": stage_eval, "table": stage_table}
+    stage = {"data": stage_data, "ids": stage_ids, "train": stage_train, "index": stage_index, "eval": stage_eval, "table": stage_table, "lines": stage_lines}
     stage[args.stage](args, extra)
     return 0
 
