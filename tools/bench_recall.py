@@ -54,11 +54,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_distributed import ENV, ROOT, cobra  # noqa: E402  (the environment and command line of every cobra subprocess)
 
 KS = "[50,100,200,500,800]"
+# BeamFusion's candidates per beam (the paper's N): IDs with behaviour hold up to ~87k items (the items with no
+# co-occurrence fall together), text IDs up to ~900; every ID's best 1,000 by cosine (validation, index and eval alike)
+MAX_PER_ID = 1000
 # the model of configs/train/beauty.yaml (mean-pooled text encoder), sized for short synthetic titles
 MODEL = [
     "model.d_model=128", "model.encoder_dim=128", "model.decoder_layers=2", "model.encoder_layers=1", "model.text_tokens=24",
     "model.text_pooling=mean", "model.max_items=21", "model.dropout=0.1", "batch_size=128", "lr=0.002", "warmup_steps=100",
-    "same_id_negatives=2", "patience=3", "inference.beams=40",
+    "same_id_negatives=2", "patience=3", "inference.beams=40", f"inference.max_per_id={MAX_PER_ID}",
 ]
 RUNS = {
     "full": [],
@@ -162,7 +165,7 @@ def stage_index(args, extra) -> None:
         if (out / "index.json").is_file():
             print(f"index {name}: ready ({out})")
             continue
-        cmd = cobra("index", "--run", str(root / "runs" / name), "--out", str(out), "--shards", str(args.shards), *extra)
+        cmd = cobra("index", "--run", str(root / "runs" / name), "--out", str(out), "--shards", str(args.shards), f"max_per_id={MAX_PER_ID}", *extra)
         wait_all({name: run_logged(cmd, root / "logs" / f"index_{name}.log", args.threads)})
 
 

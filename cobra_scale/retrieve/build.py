@@ -175,7 +175,7 @@ def load_recommender(run: str | Path, index: str | Path | None = None, device: s
         if ivf is not None and len(ivf) != len(catalogue):
             raise DataError(f"index {index} holds {len(ivf)} items, the run's catalogue {len(catalogue)}")
         prior = load_or_build(run, catalogue.item_ids, build=False)
-        return Recommender(model, catalogue.codes.to(dev), vectors, index=ivf, prior=prior), catalogue, tcfg, dev
+        return Recommender(model, catalogue.codes.to(dev), vectors, index=ivf, prior=prior, max_per_id=tcfg.inference.max_per_id), catalogue, tcfg, dev
     run = Path(run)
     if not (run / "best" / "model.safetensors").is_file():
         raise CobraError(f"{run} has no best/model.safetensors (train first with `cobra train`)")
@@ -191,4 +191,4 @@ def load_recommender(run: str | Path, index: str | Path | None = None, device: s
     empty = torch.zeros(len(item_ids), 0, dtype=torch.long)
     catalogue = Catalogue(item_ids, empty, empty, codes, k or tcfg.model.codes)
     prior = load_or_build(run, item_ids, build=False)
-    return Recommender(model.eval(), codes.to(dev), vectors.to(dev), index=ivf, prior=prior), catalogue, tcfg, dev
+    return Recommender(model.eval(), codes.to(dev), vectors.to(dev), index=ivf, prior=prior, max_per_id=tcfg.inference.max_per_id), catalogue, tcfg, dev

@@ -49,6 +49,8 @@ class Recommender:
         index: an index over the item vectors keyed by packed ID (default: exact, in memory).
         prior: an item-to-item :class:`~cobra_scale.retrieve.prior.TransitionPrior` over the same
             catalogue, mixed into the cobra mode's ranking when ``InferenceParams.prior_weight > 0``.
+        max_per_id: candidates per beam's ID of the default in-memory index (0 = all; see
+            :class:`~cobra_scale.retrieve.exact.ExactIdIndex`).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class Recommender:
         index: ExactIdIndex | None = None,
         cold_items: torch.Tensor | None = None,
         prior=None,
+        max_per_id: int = 0,
     ):
         self.model = model.eval()
         if prior is not None and prior.spec.items != len(item_codes):
@@ -75,7 +78,7 @@ class Recommender:
         self.diversity_sids = None  # (N,) int64 numpy array: the IDs diversity@K counts, when not these (eval's diversity_ids)
         self.masks = PrefixMasks(item_codes.numpy(), k) if model.cfg.use_sparse else None
         if index is None and item_vectors is not None:
-            index = ExactIdIndex(item_vectors, sids)
+            index = ExactIdIndex(item_vectors, sids, max_per_id)
         self.index = index
         self.sid_to_item = None
         if model.cfg.use_sparse and not model.cfg.use_dense:

@@ -25,7 +25,15 @@ class InferenceConfig:
         "(1-λ)·BeamFusion + λ·prior; 0 = the paper's COBRA (a hybrid beyond the paper when > 0)",
     )
 
+    max_per_id: int = field(
+        0, help="N, candidates per beam's ID scored by BeamFusion: the best N by cosine (0 = every item of the ID; cap it when "
+        "IDs hold thousands of items). The in-memory search of validation and of `cobra eval` without --index; "
+        "a faiss index has its own (`cobra index max_per_id=`)",
+    )
+
     def __post_init__(self) -> None:
+        if self.max_per_id < 0:
+            raise ConfigError("inference.max_per_id must be >= 0 (0 = every item of the ID)")
         if not 0 <= self.prior_weight <= 1:
             raise ConfigError("inference.prior_weight must lie in [0, 1]")
         if self.mode not in ("cobra", "no_fusion", "dense_only", "sparse_only", "liger"):

@@ -326,6 +326,7 @@ def train_loop_per_worker(config: dict) -> None:
         make_optimizer,
         make_scheduler,
         plot_curve,
+        repeat_offsets,
         save_weights,
         time_budget_stop,
         train_step,
@@ -434,6 +435,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             eval_model.load_state_dict(weights)
             record["temperature"] = float(eval_model.temperature.detach())
+            record.update(repeat_offsets(eval_model))  # as the local trainer's history
             if evaluate_now:
                 record["valid"] = validate_and_keep_best(eval_model, catalogue, valid, params, device, state, epoch, cfg, out)
             if state["bad_evals"] >= cfg.patience:

@@ -280,9 +280,9 @@ def encode_catalogue(model: CobraModel, catalogue: Catalogue, device: torch.devi
     return torch.cat(out)
 
 
-def make_recommender(model: CobraModel, catalogue: Catalogue, device: torch.device) -> Recommender:
+def make_recommender(model: CobraModel, catalogue: Catalogue, device: torch.device, max_per_id: int = 0) -> Recommender:
     vectors = encode_catalogue(model, catalogue, device) if model.cfg.use_dense else None
-    return Recommender(model, catalogue.codes.to(device), vectors)
+    return Recommender(model, catalogue.codes.to(device), vectors, max_per_id=max_per_id)
 
 
 def inference_params(icfg: InferenceConfig, exclude_history: bool = False) -> InferenceParams:
@@ -298,7 +298,7 @@ def validate_and_keep_best(model: CobraModel, catalogue: Catalogue, valid, param
     """
     from cobra_scale.eval.offline import evaluate
 
-    metrics = evaluate(make_recommender(model, catalogue, device), valid.history, valid.targets, params, progress=False, device=device)
+    metrics = evaluate(make_recommender(model, catalogue, device, cfg.inference.max_per_id), valid.history, valid.targets, params, progress=False, device=device)
     score = metrics["ndcg@10"]
     if score > state["best"]:
         state.update(best=score, best_epoch=epoch, bad_evals=0)

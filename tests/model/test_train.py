@@ -270,3 +270,17 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_inference_max_per_id_reaches_validation_and_eval(data, tmp_path):
+    """inference.max_per_id caps the candidates per beam's ID of the in-memory search (validation, eval without an index)."""
+    from cobra_scale.errors import ConfigError
+    from cobra_scale.retrieve.build import load_recommender
+
+    out = tmp_path / "cap"
+    summary = run(config(data, out, "epochs=1", "inference.max_per_id=1"))
+    assert summary["epochs"] == 1
+    rec, _, cfg, _ = load_recommender(out)
+    assert cfg.inference.max_per_id == 1 and rec.index.max_per_id == 1
+    with pytest.raises(ConfigError, match="max_per_id"):
+        config(data, tmp_path / "bad", "inference.max_per_id=-1")

@@ -34,7 +34,7 @@ from tests.train.ray_head import start_head, stop_head
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 SMALL = [
-    "model.d_model=32", "model.encoder_dim=32", "model.decoder_heads=2", "model.encoder_heads=2", "model.text_tokens=12",
+    "model.repeat_bias=true", "model.d_model=32", "model.encoder_dim=32", "model.decoder_heads=2", "model.encoder_heads=2", "model.text_tokens=12",
     "batch_size=32", "lr=3e-3", "warmup_steps=5", "inference.beams=8", "init_embeddings=false",
 ]
 EPOCHS = 2  # 120 windows / (2 workers x 16) -> 4 steps per epoch, 8 steps
@@ -104,6 +104,7 @@ def test_reference_run_learns(reference):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1)) and all("valid" in h for h in history)
+    assert all(len(h["repeat_offsets"]) == 2 for h in history)  # the learned offsets are recorded as by the local trainer
 
 
 @pytest.mark.parametrize("stage", [1, 3])  # 2: test_killed_worker_restarts_from_the_last_checkpoint
