@@ -17,7 +17,8 @@ Stages (each skips what is already done, so a run can span sessions; logs in <ro
   3 x 32 codes, and 4 x 32 for w/o Dense (its dedup code must number an ID's items within 32).
 * ``train``: the runs side by side, one torch thread each (``--parallel``): ``full`` (COBRA),
   ``noid`` (w/o ID: dense only), ``nodense`` (w/o Dense: TIGER-like, a 4th code numbers the items of
-  an ID). w/o BeamFusion is the full model's ``no_fusion`` mode. Each epoch is capped at ``--steps``
+  an ID); ``full_items`` (COBRA with Beauty's dense path: per-item rows from co-occurrence, not in the
+  paper; run it by name). w/o BeamFusion is the full model's ``no_fusion`` mode. Each epoch is capped at ``--steps``
   steps (``steps_per_epoch``; a fresh sample of windows per epoch) and validated on ``--valid-users``.
 * ``index``: ``cobra index`` of each dense run (faiss IVF whose inverted lists are the sparse IDs).
 * ``eval``: ``cobra eval`` on the test day over a uniform sample of ``--users`` users (w/o Dense:
@@ -67,6 +68,9 @@ RUNS = {
     "full": [],
     "noid": ["model.use_sparse=false", "inference.mode=dense_only"],
     "nodense": ["model.use_dense=false", "dedup_level=true", "inference.mode=sparse_only"],
+    # COBRA with the dense path of configs/train/beauty.yaml: a free per-item row on the text vector, started from the
+    # item's co-occurrence vector (PPMI-SVD of the training days); not in the paper
+    "full_items": ["model.item_embedding=true", "item_embedding_init=behaviour"],
 }
 EVAL = {
     # tau/beams chosen on the validation day; psi as on Beauty
@@ -76,6 +80,7 @@ EVAL = {
     # one item per beam: Recall@800 needs 800 beams (~20x the per-user cost of 40), hence its smaller sample (--sparse-users)
     "nodense": ["modes=[sparse_only]", "grid_beams=[800]", "batch_users=50"],
 }
+EVAL["full_items"] = EVAL["full"]
 LABEL = {"cobra": "COBRA", "no_fusion": "w/o BeamFusion", "dense_only": "w/o ID", "sparse_only": "w/o Dense"}
 
 
@@ -194,7 +199,7 @@ def _cell(metrics: dict, ci: dict, key: str) -> str:
 def stage_table(args, extra) -> None:
     root = Path(args.root)
     rows, meta = [], {}
-    for name in ("full", "noid", "nodense"):
+    for name in RUNS:
         path = root / "runs" / name / "eval_recall" / "eval_test.json"
         if not path.is_file():
             continue

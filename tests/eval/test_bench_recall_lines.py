@@ -41,3 +41,9 @@ def test_lines_stage_refuses_logs_without_lines(tmp_path):
     pq.write_table(pa.table({"item_id": [0, 1], "topic": [0, 0]}), tmp_path / "raw" / "truth" / "items_truth.parquet")
     with pytest.raises(SystemExit, match="no product lines"):
         load_bench().main(["lines", "--root", str(tmp_path)])
+
+
+def test_every_run_has_its_eval_settings():
+    bench = load_bench()
+    assert set(bench.RUNS) == set(bench.EVAL)
+    assert "model.item_embedding=true" in bench.RUNS["full_items"]
