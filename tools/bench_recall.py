@@ -244,9 +244,9 @@ def stage_lines(args, extra) -> None:
         order = np.argsort(sids.column("item_id").to_numpy())
         pos = order[np.searchsorted(sids.column("item_id").to_numpy(), item, sorter=order)]
         codes = np.stack([sids.column(c).to_numpy()[pos] for c in sids.column_names if c.startswith("code_")], axis=1)
-        prefix = np.zeros(len(item), dtype=np.int64)
+        prefix, base = np.zeros(len(item), dtype=np.int64), int(codes.max()) + 1
         for level in range(codes.shape[1]):
-            prefix = prefix * 64 + codes[:, level]
+            prefix = prefix * base + codes[:, level]
             row = {}
             for name, g in groups.items():
                 pairs = np.unique(np.stack([g, prefix], axis=1), axis=0, return_counts=True)

@@ -46,15 +46,21 @@ class ExactIdIndex:
     def __len__(self) -> int:
         return self.vectors.shape[0]
 
-    def bucket_items(self, sids: torch.Tensor) -> torch.Tensor:
-        """(Q,) IDs -> (Q, max_bucket) item indices, -1 padded (unknown IDs: all -1)."""
+    def _lookup(self, sids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q,) IDs -> (position of each ID among ``unique_sids``, its item count; 0 for unknown IDs)."""
         pos = torch.searchsorted(self.unique_sids, sids).clamp(max=len(self.unique_sids) - 1)
         found = self.unique_sids[pos] == sids
-        size = torch.where(found, self.counts[pos], torch.zeros_like(pos))
-        ar = torch.arange(self.max_bucket, device=sids.device)
-        slot = self.starts[pos][:, None] + ar[None]
-        inside = ar[None] < size[:, None]
-        return torch.where(inside, self.order[slot.clamp(max=len(self.order) - 1)], torch.full_like(slot, -1))
+        return pos, torch.where(found, self.counts[pos], torch.zeros_like(pos))
+
+    def _members(self, pos: torch.Tensor, size: torch.Tensor, width: int) -> torch.Tensor:
+        """The items of the IDs at ``pos`` (with ``size`` items each), (Q, width), -1 padded."""
+        ar = torch.arange(width, device=pos.device)
+        slot = (self.starts[pos][:, None] + ar[None]).clamp(max=len(self.order) - 1)
+        return torch.where(ar[None] < size[:, None], self.order[slot], torch.full_like(slot, -1))
+
+    def bucket_items(self, sids: torch.Tensor) -> torch.Tensor:
+        """(Q,) IDs -> (Q, max_bucket) item indices, -1 padded (unknown IDs: all -1)."""
+        return self._members(*self._lookup(sids), self.max_bucket)
 
     def search_in_ids(self, queries: torch.Tensor, sids: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The items of ID ``sids[q]`` ranked by cosine with ``queries[q]``.
@@ -82,10 +88,8 @@ class ExactIdIndex:
         cos_out = torch.full((n_q, width), float("-inf"), dtype=q.dtype, device=q.device)
         if n_q == 0 or not len(self.unique_sids):
             return items_out, cos_out
-        pos = torch.searchsorted(self.unique_sids, sids).clamp(max=len(self.unique_sids) - 1)
-        found = self.unique_sids[pos] == sids
-        size = torch.where(found, self.counts[pos], torch.zeros_like(pos))
-        small = (found & (size <= self.GATHER_MAX)).nonzero().view(-1)
+        pos, size = self._lookup(sids)
+        small = ((size > 0) & (size <= self.GATHER_MAX)).nonzero().view(-1)
         if len(small):  # per-query gather, rows sorted by ID size so that each chunk pads little
             small = small[torch.argsort(size[small], stable=True)]
             sorted_size = size[small]
@@ -94,14 +98,11 @@ class ExactIdIndex:
                 # the most rows from ``start`` whose count x their longest ID (the last, sizes ascend) fits CELLS
                 cells = torch.arange(1, len(small) - start + 1, device=q.device) * sorted_size[start:].clamp(min=1)
                 rows = small[start : start + max(1, int(torch.searchsorted(cells, self.CELLS, right=True)))]
-                longest = int(size[rows[-1]])
-                ar = torch.arange(longest, device=q.device)
-                slot = (self.starts[pos[rows]][:, None] + ar[None]).clamp(max=len(self.order) - 1)
-                cand = torch.where(ar[None] < size[rows][:, None], self.order[slot], torch.full_like(slot, -1))
+                cand = self._members(pos[rows], size[rows], int(size[rows[-1]]))
                 cos = torch.einsum("qd,qcd->qc", q[rows], self.vectors[cand.clamp(min=0)]).masked_fill(cand < 0, float("-inf"))
                 self._put(items_out, cos_out, rows, cand, cos)
                 start += len(rows)
-        large = (found & (size > self.GATHER_MAX)).nonzero().view(-1)
+        large = (size > self.GATHER_MAX).nonzero().view(-1)
         for p in torch.unique(pos[large]).tolist():  # one product per large ID over its queries
             rows_all = large[pos[large] == p]
             members = self.order[int(self.starts[p]) : int(self.starts[p]) + int(self.counts[p])]
