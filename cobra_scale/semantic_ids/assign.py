@@ -10,7 +10,8 @@ Outputs in ``out/``:
 * ``diagnostics.json``, ``items_per_id.png``, ``config.yaml``
 
 With ``quantizer_dir=...`` the saved quantiser assigns IDs to (new) items without any
-retraining: the cold-start path.
+retraining: the cold-start path. A quantiser fitted with ``behaviour.cold=text`` also saves
+``quantizer/behaviour_map.safetensors`` (text -> behaviour ridge map) for those new items.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pyarrow as pa
 from cobra_scale.config import save_config
 from cobra_scale.data.io import read_table, write_table
 from cobra_scale.errors import CobraError, DataError
-from cobra_scale.semantic_ids.behaviour import join
+from cobra_scale.semantic_ids.behaviour import join, predict_behaviour
 from cobra_scale.semantic_ids.configs import EmbedConfig, IdsConfig, QuantizerConfig
 from cobra_scale.semantic_ids.diagnostics import bucket_histogram, diagnose, format_report, pack_codes
 
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 
 QUANTIZER_JSON = "quantizer.json"
 QUANTIZER_WEIGHTS = "model.safetensors"
+BEHAVIOUR_MAP = "behaviour_map.safetensors"  # behaviour.cold=text: the text -> behaviour map for items without co-occurrence
+# cobra ids warns when one ID holds more than this share of the catalogue while behaviour.cold=zeros left items without behaviour
+GIANT_ID_SHARE = 0.02
 
 
 def sids_schema(levels: int) -> pa.Schema:
@@ -56,9 +60,13 @@ def sids_table(item_ids: np.ndarray, codes: np.ndarray, codes_per_level: int) ->
 class Quantizer:
     """A fitted quantiser of either kind: ``encode`` (N, D) -> codes (N, L), ``decode`` back."""
 
-    def __init__(self, kind: str, impl: Any, qcfg: QuantizerConfig, input_dim: int, device: str = "cpu", behaviour: dict | None = None):
+    def __init__(
+        self, kind: str, impl: Any, qcfg: QuantizerConfig, input_dim: int, device: str = "cpu", behaviour: dict | None = None,
+        text_map: np.ndarray | None = None,
+    ):
         self.kind, self.impl, self.cfg, self.input_dim, self.device = kind, impl, qcfg, input_dim, device
         self.behaviour = behaviour  # {"dim", "weight", ...} when the input is [text, behaviour] (behaviour.py)
+        self.text_map = text_map  # (D_text + 1, dim) with behaviour.cold=text, else None
 
     def encode(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(codes (N, L) int64, reconstructions (N, D) float32)``."""
@@ -80,6 +88,9 @@ class Quantizer:
         else:
             tensors = {"centroids": np.ascontiguousarray(self.impl.centroids, np.float32)}
         save_file(tensors, str(folder / QUANTIZER_WEIGHTS), metadata={"format": "cobra_scale.quantizer.v1", "kind": self.kind})
+        if self.text_map is not None:
+            save_file({"text_map": np.ascontiguousarray(self.text_map, np.float32)}, str(folder / BEHAVIOUR_MAP),
+                      metadata={"format": "cobra_scale.behaviour_map.v1"})  # fmt: skip
         meta = {
             "format": "cobra_scale.quantizer.v1",
             "kind": self.kind,
@@ -121,7 +132,14 @@ class Quantizer:
 
             impl = ResidualKMeans(qcfg.levels, qcfg.codes, qcfg.kmeans_iters, qcfg.seed, qcfg.balance)
             impl.centroids = tensors["centroids"]
-        return cls(meta["kind"], impl, qcfg, meta["input_dim"], device, meta.get("behaviour")), embed
+        behaviour, text_map = meta.get("behaviour"), None
+        if behaviour and behaviour.get("cold") == "text":
+            if not (folder / BEHAVIOUR_MAP).is_file():
+                raise CobraError(f"{folder} was fitted with behaviour.cold=text but has no {BEHAVIOUR_MAP}")
+            text_map = load_file(str(folder / BEHAVIOUR_MAP))["text_map"]
+            if text_map.shape != (meta["input_dim"] - int(behaviour["dim"]) + 1, int(behaviour["dim"])):
+                raise CobraError(f"{folder / BEHAVIOUR_MAP}: shape {text_map.shape} does not fit the quantiser")
+        return cls(meta["kind"], impl, qcfg, meta["input_dim"], device, behaviour, text_map), embed
 
 
 def fit_quantizer(vectors: np.ndarray, qcfg: QuantizerConfig) -> tuple[Quantizer, np.ndarray, np.ndarray, dict]:
@@ -173,21 +191,45 @@ def load_items(path: str) -> pa.Table:
     return items
 
 
-def _behaviour_input(cfg: IdsConfig, quantizer: Quantizer | None, item_ids: np.ndarray, timings: dict) -> dict | None:
+def _behaviour_input(cfg: IdsConfig, quantizer: Quantizer | None, item_ids: np.ndarray, text: np.ndarray, timings: dict) -> dict | None:
     """The behaviour part of the quantiser's input, if any: fitted from ``behaviour.sequences``,
-    or zeros of the saved quantiser's size when assigning new items with it."""
+    or, when assigning new items with a saved quantiser, zeros of its size (``behaviour.cold=zeros``)
+    or their text's predicted behaviour (``behaviour.cold=text``)."""
     if quantizer is not None:
         saved = quantizer.behaviour
-        return None if not saved else {"vectors": None, "weight": float(saved["weight"]), "dim": int(saved["dim"])}
+        if not saved:
+            return None
+        predicted = None if quantizer.text_map is None else predict_behaviour(text, quantizer.text_map)
+        return {"vectors": predicted, "weight": float(saved["weight"]), "dim": int(saved["dim"])}
     bcfg = cfg.behaviour
     if not bcfg.sequences or bcfg.weight == 0:
         return None
-    from cobra_scale.semantic_ids.behaviour import behaviour_vectors
+    from cobra_scale.semantic_ids.behaviour import behaviour_vectors, fill_cold, fit_text_map
 
     t0 = time.perf_counter()
     vectors, report = behaviour_vectors(bcfg.sequences, item_ids, bcfg.dim, bcfg.window, cfg.quantizer.seed)
+    text_map = None
+    report = {**report, "weight": bcfg.weight, "cold": bcfg.cold}
+    if bcfg.cold == "text":
+        text_map = fit_text_map(text, vectors)
+        vectors, report["items_filled_from_text"] = fill_cold(text, vectors, text_map)
+        log.info("behaviour.cold=text: %d item(s) without co-occurrence get the behaviour predicted from their text", report["items_filled_from_text"])
     timings["behaviour_seconds"] = round(time.perf_counter() - t0, 2)
-    return {"vectors": vectors, "weight": bcfg.weight, "dim": bcfg.dim, "report": {**report, "weight": bcfg.weight}}
+    return {"vectors": vectors, "weight": bcfg.weight, "dim": bcfg.dim, "report": report, "text_map": text_map}
+
+
+def _warn_giant_id(diag: dict, behaviour: dict | None) -> None:
+    """A warning with the remedy when items without co-occurrence (``behaviour.cold=zeros``) crowd into one giant ID."""
+    share = diag["items_per_id"]["max_share_of_items"]
+    if not behaviour or behaviour.get("cold", "zeros") != "zeros" or share <= GIANT_ID_SHARE:
+        return
+    missing = int(behaviour["items"]) - int(behaviour["items_with_behaviour"])
+    if missing > 0:
+        log.warning(
+            "one ID holds %.1f%% of the items (%d) and %d item(s) have no co-occurrence in the behaviour sequences: they share an "
+            "empty behaviour half and tend to fall together; behaviour.cold=text gives them the behaviour their text predicts",
+            100 * share, diag["items_per_id"]["max"], missing,
+        )
 
 
 def run(cfg: IdsConfig) -> dict:
@@ -209,14 +251,14 @@ def run(cfg: IdsConfig) -> dict:
     timings["items_embedded"] = n_embedded  # the rest came from the cache
     if n_embedded:
         timings["embedded_items_per_second"] = round(n_embedded / max(timings["embed_seconds"], 1e-9), 1)
-    behaviour = _behaviour_input(cfg, quantizer, item_ids, timings)
+    behaviour = _behaviour_input(cfg, quantizer, item_ids, vectors, timings)
     if behaviour is not None:
         vectors = join(vectors, behaviour["vectors"], behaviour["weight"], behaviour["dim"])
     qcfg = cfg.quantizer
     if quantizer is None:
         quantizer, codes, recon, fit_report = fit_quantizer(vectors, qcfg)
         if behaviour is not None:
-            quantizer.behaviour = behaviour["report"]
+            quantizer.behaviour, quantizer.text_map = behaviour["report"], behaviour["text_map"]
         quantizer.save(out / "quantizer", EmbedConfig(**{**embed_cfg.__dict__}), fit_report)
         timings["fit_seconds"] = fit_report["fit_seconds"]
     else:
@@ -226,6 +268,7 @@ def run(cfg: IdsConfig) -> dict:
     diag = diagnose(codes, qcfg.codes, vectors, recon)
     diag["kind"] = quantizer.kind
     diag["timings"] = timings
+    _warn_giant_id(diag, quantizer.behaviour)
     (out / "diagnostics.json").write_text(json.dumps(diag, indent=2))
     bucket_histogram(codes, qcfg.codes, out / "items_per_id.png", f"{quantizer.kind} {qcfg.levels}x{qcfg.codes}: items per ID ({len(item_ids)} items)")
     save_config(cfg, out)

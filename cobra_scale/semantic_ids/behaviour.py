@@ -10,7 +10,13 @@ purchase behaviour (not in the paper, whose IDs come from text only; see docs/se
 The vector of an item is its row of a truncated SVD of the positive pointwise mutual
 information (PPMI) matrix of item co-occurrences within ``window`` steps of each other in
 the training sequences (a classic count-based item2vec). Items absent from the sequences
-(cold-start items) get a zero vector: their ID then comes from their text alone.
+(cold-start items) get a zero vector by default (``behaviour.cold=zeros``): their ID then comes
+from their text alone, and on a large catalogue they fall together into a few giant IDs (their
+inputs share the same empty behaviour half; 154k such items made one ID of 86,824 on the 1M-item
+product-line logs, docs/semantic_ids.md). ``behaviour.cold=text`` instead gives them the behaviour
+vector *predicted from their text* by a ridge map fitted on the items that have one
+(:func:`fit_text_map`), saved with the quantiser so that new items assigned later get it too: a
+cold item then lands among the IDs of the items that read like it.
 
 Pass the **training** split only (e.g. ``data/beauty/splits/loo/train``), never the
 sequences that hold validation or test targets.
@@ -116,6 +122,49 @@ def behaviour_vectors(sequences: str | Path, item_ids: np.ndarray, dim: int, win
     report = {"sequences": str(sequences), "dim": dim, "window": window, "pairs": int(counts.nnz), "items_with_behaviour": covered, "items": len(item_ids)}
     log.info("behaviour vectors: %d of %d items co-occur with another (%d distinct pairs)", covered, len(item_ids), counts.nnz)
     return vectors, report
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def fit_text_map(text: np.ndarray, behaviour: np.ndarray, ridge: float = 1.0, chunk: int = 65_536) -> np.ndarray:
+    """(D_text + 1, dim) float32 ridge map from an item's unit text embedding (and a bias) to its behaviour vector,
+    fitted on the rows whose behaviour vector is non-zero (``behaviour.cold=text``); see :func:`predict_behaviour`.
+
+    Normal equations accumulated over row chunks, so a 1M-item catalogue needs no second copy of its embeddings.
+    """
+    covered = np.flatnonzero(np.abs(behaviour).sum(axis=1) > 0)
+    if len(covered) < 2:
+        raise DataError("behaviour.cold=text needs items with co-occurrences to learn from; none co-occur")
+    d = text.shape[1] + 1
+    gram, cross = np.zeros((d, d)), np.zeros((d, behaviour.shape[1]))
+    for start in range(0, len(covered), chunk):
+        rows = covered[start : start + chunk]
+        x = np.concatenate([unit_rows(text[rows]), np.ones((len(rows), 1), np.float32)], axis=1).astype(np.float64)
+        gram += x.T @ x
+        cross += x.T @ behaviour[rows].astype(np.float64)
+    gram[np.arange(d - 1), np.arange(d - 1)] += ridge  # the bias is not shrunk
+    return np.linalg.solve(gram, cross).astype(np.float32)
+
+
+def predict_behaviour(text: np.ndarray, text_map: np.ndarray) -> np.ndarray:
+    """Unit behaviour vectors predicted from text by :func:`fit_text_map`'s map (zero where the prediction is zero)."""
+    if text.shape[1] + 1 != text_map.shape[0]:
+        raise DataError(f"embeddings have dimension {text.shape[1]}, the behaviour map expects {text_map.shape[0] - 1}")
+    x = unit_rows(text)
+    return unit_rows(x @ text_map[:-1] + text_map[-1])
+
+
+def fill_cold(text: np.ndarray, behaviour: np.ndarray, text_map: np.ndarray) -> tuple[np.ndarray, int]:
+    """``behaviour`` with its zero rows replaced by their text's prediction; returns it and how many were filled."""
+    cold = np.flatnonzero(np.abs(behaviour).sum(axis=1) == 0)
+    if len(cold):
+        behaviour = behaviour.copy()
+        behaviour[cold] = predict_behaviour(text[cold], text_map)
+    return behaviour, len(cold)
 
 
 def join(text: np.ndarray, behaviour: np.ndarray | None, weight: float, dim: int) -> np.ndarray:

@@ -78,10 +78,18 @@ class BehaviourConfig:
     dim: int = field(64, help="behaviour vector size (truncated SVD of the items' PPMI co-occurrence matrix)")
     window: int = field(3, help="items at most this many steps apart in a sequence co-occur")
     weight: float = field(1.0, help="norm of the behaviour part next to the unit text embedding (0 = text only)")
+    cold: str = field(
+        "zeros",
+        help="items with no co-occurrence: 'zeros' (their ID from text alone; on large catalogues they crowd into a few giant IDs) "
+        "or 'text' (the behaviour vector predicted from their text by a ridge map fitted on the other items, also applied to new "
+        "items assigned later with the saved quantiser)",
+    )
 
     def __post_init__(self) -> None:
         if self.dim <= 0 or self.window <= 0:
             raise ConfigError("behaviour.dim and behaviour.window must be > 0")
+        if self.cold not in ("zeros", "text"):
+            raise ConfigError(f"behaviour.cold must be 'zeros' or 'text', got {self.cold!r}")
         if self.weight < 0:
             raise ConfigError("behaviour.weight must be >= 0")
 
@@ -99,4 +107,4 @@ class IdsConfig:
 
     def __post_init__(self) -> None:
         if self.quantizer_dir and self.behaviour.sequences:
-            raise ConfigError("behaviour.sequences is for fitting a quantiser; with quantizer_dir new items join zeros (no interactions yet)")
+            raise ConfigError("behaviour.sequences is for fitting a quantiser; with quantizer_dir new items join zeros, or their text's predicted behaviour when it was fitted with behaviour.cold=text")

@@ -12,7 +12,7 @@ from cobra_scale.cli import main
 from cobra_scale.data.io import write_table
 from cobra_scale.data.schemas import SEQUENCES_SCHEMA
 from cobra_scale.errors import DataError
-from cobra_scale.semantic_ids.behaviour import behaviour_vectors, cooccurrence_counts, join, ppmi_svd
+from cobra_scale.semantic_ids.behaviour import behaviour_vectors, cooccurrence_counts, fill_cold, fit_text_map, join, ppmi_svd, predict_behaviour
 from tests.semantic_ids.test_ids_command import catalogue
 
 
@@ -108,3 +108,71 @@ def test_ids_with_behaviour_fit_and_cold_start_assign(tmp_path):
     # behaviour sequences with a saved quantiser: a one-line config error
     assert main(["ids", "--items", str(tmp_path / "new.parquet"), "--out", str(tmp_path / "cold2"),
                  "--quantizer-dir", str(tmp_path / "beh" / "quantizer"), f"behaviour.sequences={seq}"]) != 0  # fmt: skip
+
+
+def test_text_map_predicts_the_behaviour_of_items_without_co_occurrence():
+    rng = np.random.default_rng(0)
+    text = rng.standard_normal((300, 6)).astype(np.float32) * rng.uniform(0.5, 3.0, (300, 1)).astype(np.float32)  # any norm
+    truth_map = rng.standard_normal((6, 4))
+    unit = text / np.linalg.norm(text, axis=1, keepdims=True)
+    truth = unit @ truth_map
+    truth /= np.linalg.norm(truth, axis=1, keepdims=True)
+    behaviour = truth.astype(np.float32).copy()
+    behaviour[:40] = 0.0  # 40 items never co-occurred
+    text_map = fit_text_map(text, behaviour, ridge=1e-3)
+    assert text_map.shape == (7, 4)  # + the bias row
+    filled, n = fill_cold(text, behaviour, text_map)
+    assert n == 40
+    np.testing.assert_array_equal(filled[40:], behaviour[40:])  # items with behaviour keep theirs
+    np.testing.assert_allclose(np.linalg.norm(filled[:40], axis=1), 1.0, rtol=1e-5)
+    cos = (filled[:40] * truth[:40]).sum(axis=1)  # the truth is the *normalised* linear image: a linear fit comes close
+    assert cos.min() > 0.95 and cos.mean() > 0.98
+    np.testing.assert_allclose(predict_behaviour(text[:40], text_map), filled[:40], rtol=1e-6)
+    with pytest.raises(DataError, match="dimension"):
+        predict_behaviour(text[:, :5], text_map)
+    with pytest.raises(DataError, match="none co-occur"):
+        fit_text_map(text, np.zeros_like(behaviour))
+
+
+def test_cold_text_spreads_items_without_co_occurrence_and_new_items_agree(tmp_path, caplog):
+    """Items 40..79 read exactly like items 0..39 but never co-occur. With behaviour.cold=zeros they share an empty
+    behaviour half and crowd together; with cold=text they get the behaviour their text predicts and land with their twins."""
+    items = pa.concat_tables([catalogue(), catalogue(start=40)])
+    write_table(items, tmp_path / "items.parquet")
+    rng = np.random.default_rng(2)
+    topic = np.arange(40) // 10  # behaviour follows the text topic, so text predicts it
+    rows = [[int(i) for i in rng.choice(np.flatnonzero(topic == t), 4, replace=False)] for _ in range(200) for t in range(4)]
+    seq = sequences(tmp_path / "train", rows)
+    common = ["ids", "--items", str(tmp_path / "items.parquet"), "quantizer.kind=rkmeans", "quantizer.levels=2", "quantizer.codes=4",
+              f"behaviour.sequences={seq}", "behaviour.dim=8", "behaviour.weight=2.0"]  # fmt: skip
+
+    def first_codes(folder):
+        table = pq.read_table(folder / "sids.parquet").sort_by("item_id")
+        return table.column("code_0").to_numpy(), table.column("sid").to_numpy()
+
+    with caplog.at_level(logging.WARNING):
+        assert main([*common, "--out", str(tmp_path / "zeros")]) == 0
+    assert "behaviour.cold=text" in caplog.text  # the giant-ID warning names the remedy
+    assert main([*common, "--out", str(tmp_path / "text"), "behaviour.cold=text"]) == 0
+    meta = json.loads((tmp_path / "text" / "quantizer" / "quantizer.json").read_text())
+    assert meta["behaviour"]["cold"] == "text" and meta["behaviour"]["items_filled_from_text"] == 40
+    assert (tmp_path / "text" / "quantizer" / "behaviour_map.safetensors").is_file()
+    assert not (tmp_path / "zeros" / "quantizer" / "behaviour_map.safetensors").exists()
+    zeros, _ = first_codes(tmp_path / "zeros")
+    text, sids = first_codes(tmp_path / "text")
+    # the cold twins' first code agrees with their co-occurring twin's far more often with cold=text
+    agree = lambda c: float((c[40:] == c[:40]).mean())  # noqa: E731
+    assert agree(text) >= 0.75 and agree(text) > agree(zeros) + 0.4
+    assert len(set(text[40:])) > len(set(zeros[40:]))
+
+    # a new item assigned later with the saved quantiser gets the same predicted behaviour: the same ID as its fitted twin
+    write_table(catalogue(start=1000), tmp_path / "new.parquet")
+    assert main(["ids", "--items", str(tmp_path / "new.parquet"), "--out", str(tmp_path / "cold"),
+                 "--quantizer-dir", str(tmp_path / "text" / "quantizer")]) == 0  # fmt: skip
+    new = pq.read_table(tmp_path / "cold" / "sids.parquet").sort_by("item_id").column("sid").to_numpy()
+    np.testing.assert_array_equal(new, sids[40:])
+    # a quantiser folder missing its map is a one-line error, not a silent fall back to zeros
+    (tmp_path / "text" / "quantizer" / "behaviour_map.safetensors").unlink()
+    assert main(["ids", "--items", str(tmp_path / "new.parquet"), "--out", str(tmp_path / "cold2"),
+                 "--quantizer-dir", str(tmp_path / "text" / "quantizer")]) != 0  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "bad"), "behaviour.cold=mean"]) != 0
