@@ -71,6 +71,20 @@ def dense_contrastive_loss(
     return cosine_contrastive_loss(pred, keys, positives, temperature, query_item_ids, key_item_ids, impl=impl, reduction=reduction)
 
 
+def code_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, plain CE)`` of one code level: the mean cross-entropy of ``target`` (P,) under ``logits`` (P, K), with
+    label smoothing ``smoothing`` spread over the codes whose logit is finite (-inf marks codes the trie rules out, which
+    torch's own ``label_smoothing`` would count and turn into an infinite loss)."""
+    if smoothing == 0.0:
+        ce = F.cross_entropy(logits, target)
+        return ce, ce
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    nll = -logp.gather(1, target[:, None]).squeeze(1)
+    allowed = torch.isfinite(logp)
+    uniform = -logp.masked_fill(~allowed, 0.0).sum(-1) / allowed.sum(-1).clamp(min=1)
+    return ((1.0 - smoothing) * nll + smoothing * uniform).mean(), nll.mean()
+
+
 class Temperature(nn.Module):
     """The dense softmax temperature, learned in log space (a module, so that ZeRO-3 gathers it
     around its own forward and backward like any other parameter)."""
@@ -376,10 +390,10 @@ class CobraModel(nn.Module):
                 logits = self.code_logits(pred_in[:, level], level, prefix, hist, recency)
                 if cfg.constrained_codes:
                     logits = logits.masked_fill(~self.code_masks.mask(level, prefix), float("-inf"))
-                ce = F.cross_entropy(logits, target_codes[:, level])
+                ce, nll = code_cross_entropy(logits, target_codes[:, level], cfg.label_smoothing)
                 prefix = prefix * cfg.codes + target_codes[:, level]
                 sparse = sparse + ce
-                per_level.append(float(ce.detach()))
+                per_level.append(float(nll.detach()))  # the plain CE, comparable across smoothing settings
         dense = zero
         if cfg.use_dense:
             pred = self.dense_head(pred_in[:, T - 1])  # (P, d)

@@ -72,6 +72,11 @@ class CobraConfig:
         "in the sparse loss and in the beam scores (which are then log P(ID) over the catalogue's IDs); the trainer gives "
         "the model the trie (model.code_masks). Off: softmax over all K codes, invalid ones masked at inference only",
     )
+    label_smoothing: float = field(
+        0.0,
+        help="label smoothing of the sparse code cross-entropy (not in the paper): this share of each level's target mass "
+        "is spread evenly over the codes the softmax allows (with constrained_codes, the prefix's children only)",
+    )
 
     def __post_init__(self) -> None:
         if self.d_model % self.decoder_heads or self.encoder_dim % self.encoder_heads:
@@ -98,5 +103,7 @@ class CobraConfig:
             raise ConfigError("model.dense_repeat_positions > 1 needs model.dense_repeat_bias=true")
         if self.catalogue_items < 0:
             raise ConfigError("catalogue_items must be >= 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"model.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.temperature <= 0:
             raise ConfigError("temperature must be > 0")

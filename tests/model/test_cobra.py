@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cobra_scale.model.beam import PrefixMasks, beam_fusion, beam_search, greedy_decode
-from cobra_scale.model.cobra import Batch, CobraModel
+from cobra_scale.model.cobra import Batch, CobraModel, code_cross_entropy
 from cobra_scale.model.config import CobraConfig
 from cobra_scale.retrieve.exact import ExactIdIndex
 from cobra_scale.retrieve.recommender import InferenceParams, Recommender
@@ -187,6 +187,40 @@ def test_constrained_codes_sparse_loss_is_the_ce_over_the_tries_children():
     assert out.sparse_per_level[0] == pytest.approx(unconstrained.sparse_per_level[0], abs=1e-6)
     # level 1 allows fewer codes than K: a strictly smaller CE (the disallowed codes held mass)
     assert out.sparse_per_level[1] < unconstrained.sparse_per_level[1]
+
+
+def test_label_smoothing_by_hand_and_over_the_tries_children_only():
+    logits = torch.tensor([[2.0, 0.0, float("-inf"), -1.0], [0.5, 0.5, 0.5, 0.5]])
+    target = torch.tensor([0, 3])
+    plain, nll = code_cross_entropy(logits, target, 0.0)
+    assert plain is nll  # no smoothing: torch's CE itself
+    loss, nll = code_cross_entropy(logits, target, 0.1)
+    logp0 = torch.log_softmax(logits[0], -1)
+    allowed0 = [0, 1, 3]  # code 2 is ruled out by the trie: not part of the uniform term, and the loss stays finite
+    row0 = 0.9 * -logp0[0] + 0.1 * -logp0[allowed0].mean()
+    row1 = -math.log(0.25)  # uniform logits: smoothing changes nothing
+    assert float(loss) == pytest.approx(float((row0 + row1) / 2), rel=1e-6)
+    assert float(nll) == pytest.approx(float((-logp0[0] + row1) / 2), rel=1e-6)
+    # equals torch's label_smoothing where no code is ruled out
+    free = torch.tensor([[2.0, 0.0, 1.0, -1.0]])
+    assert float(code_cross_entropy(free, target[:1], 0.2)[0]) == pytest.approx(float(torch.nn.functional.cross_entropy(free, target[:1], label_smoothing=0.2)), rel=1e-6)
+
+
+def test_label_smoothing_in_the_model_is_finite_and_logs_the_plain_ce():
+    tokens, mask, codes = catalogue()
+    keep = [0, 1, 5, 6, 10, 11]
+    b = Batch(tokens[keep], mask[keep], codes[keep], torch.arange(6), torch.tensor([[0, 1, 2, 3, 4, 5]]))
+    plain = tiny_model(constrained_codes=True)
+    plain.code_masks = PrefixMasks(codes[keep].numpy(), K)
+    smooth = tiny_model(constrained_codes=True, label_smoothing=0.2)
+    smooth.load_state_dict(plain.state_dict())
+    smooth.code_masks = plain.code_masks
+    a, s = plain(b), smooth(b)
+    assert torch.isfinite(s.total) and s.sparse_per_level == pytest.approx(a.sparse_per_level, abs=1e-6)
+    assert s.sparse.item() != pytest.approx(a.sparse.item(), abs=1e-4)
+    s.total.backward()
+    with pytest.raises(Exception, match="label_smoothing"):
+        CobraConfig(label_smoothing=1.0)
 
 
 def test_constrained_codes_beam_scores_are_log_probs_over_the_catalogues_ids():
