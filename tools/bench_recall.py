@@ -18,7 +18,7 @@ Stages (each skips what is already done, so a run can span sessions; logs in <ro
 * ``train``: the runs side by side, one torch thread each (``--parallel``): ``full`` (COBRA),
   ``noid`` (w/o ID: dense only), ``nodense`` (w/o Dense: TIGER-like, a 4th code numbers the items of
   an ID); ``full_items`` (COBRA with Beauty's dense path: per-item rows from co-occurrence, not in the
-  paper; run it by name). w/o BeamFusion is the full model's ``no_fusion`` mode. Each epoch is capped at ``--steps``
+  paper; run it by name) and ``noid_items`` (its w/o ID). w/o BeamFusion is the full model's ``no_fusion`` mode. Each epoch is capped at ``--steps``
   steps (``steps_per_epoch``; a fresh sample of windows per epoch) and validated on ``--valid-users``.
 * ``index``: ``cobra index`` of each dense run (faiss IVF whose inverted lists are the sparse IDs).
 * ``eval``: ``cobra eval`` on the test day over a uniform sample of ``--users`` users (w/o Dense:
@@ -71,6 +71,8 @@ RUNS = {
     # COBRA with the dense path of configs/train/beauty.yaml: a free per-item row on the text vector, started from the
     # item's co-occurrence vector (PPMI-SVD of the training days); not in the paper
     "full_items": ["model.item_embedding=true", "item_embedding_init=behaviour"],
+    # w/o ID with that same dense path (the ablation of full_items: one flag off)
+    "noid_items": ["model.use_sparse=false", "inference.mode=dense_only", "model.item_embedding=true", "item_embedding_init=behaviour"],
 }
 EVAL = {
     # tau/beams chosen on the validation day; psi as on Beauty
@@ -81,6 +83,7 @@ EVAL = {
     "nodense": ["modes=[sparse_only]", "grid_beams=[800]", "batch_users=50"],
 }
 EVAL["full_items"] = EVAL["full"]
+EVAL["noid_items"] = EVAL["noid"]
 LABEL = {"cobra": "COBRA", "no_fusion": "w/o BeamFusion", "dense_only": "w/o ID", "sparse_only": "w/o Dense"}
 
 
