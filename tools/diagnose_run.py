@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     model, catalogue, cfg, device = load_run(args.run, "cpu")
     split = Path(cfg.data) / "splits" / cfg.split / args.split_name
     users = load_examples(split, catalogue, cfg.model.max_items - 1).sample(args.users, 0)
-    rec = make_recommender(model, catalogue, device)
+    rec = make_recommender(model, catalogue, device, cfg.inference.max_per_id)  # the run's cap on candidates per ID
     first = np.array([t[0] for t in users.targets])
     result = {"run": args.run, "users": len(first)}
     if model.cfg.use_sparse:

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     matrix = transition_matrix(values + 1, offsets, n, args.window, False, False)  # index 0 = padding
     pop = np.bincount(values, minlength=n).astype(np.float32)
     pop_tie = torch.from_numpy(pop / (pop.max() + 1.0) * 1e-6)
-    rec = make_recommender(model, catalogue, device)
+    rec = make_recommender(model, catalogue, device, cfg.inference.max_per_id)  # the run's cap on candidates per ID
     params = InferenceParams("cobra", args.beams, args.tau, args.psi, args.normalize, False)
     hist_len = cfg.model.max_items - 1
     valid = load_examples(split / "valid", catalogue, hist_len).sample(args.valid_users, cfg.seed)
