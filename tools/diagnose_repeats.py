@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     inf = cfg.inference
     params = InferenceParams("cobra", args.beams or inf.beams, args.tau if args.tau is not None else inf.tau,
                              args.psi if args.psi is not None else inf.psi, inf.normalize, False)
-    rec = make_recommender(model, catalogue, device, cfg.inference.max_per_id)  # the run's cap on candidates per ID
+    rec = make_recommender(model, catalogue, device, inf.max_per_id)  # the run's cap on candidates per ID
     split = Path(cfg.data) / "splits" / cfg.split
     hist_len = cfg.model.max_items - 1
     test = load_examples(split / "test", catalogue, hist_len).sample(args.users, args.seed)

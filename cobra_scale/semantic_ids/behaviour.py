@@ -88,6 +88,17 @@ def cooccurrence_counts(sequences: str | Path, item_ids: np.ndarray, window: int
     return total
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def has_behaviour(vectors: np.ndarray) -> np.ndarray:
+    """(N,) bool: the rows that are not all zero (items that co-occur with another)."""
+    return np.abs(vectors).sum(axis=1) > 0
+
+
 def ppmi_svd(counts, dim: int, seed: int = 0) -> np.ndarray:
     """(N, dim) float32 item vectors: rows of U·sqrt(S) of the PPMI matrix, L2-normalised;
     all-zero for items without co-occurrences."""
@@ -110,24 +121,17 @@ def ppmi_svd(counts, dim: int, seed: int = 0) -> np.ndarray:
     vectors = (u * np.sqrt(np.maximum(s, 0.0))).astype(np.float32)
     if k < dim:
         vectors = np.pad(vectors, ((0, 0), (0, dim - k)))
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.where(norms > 0, vectors / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
+    return unit_rows(vectors)
 
 
 def behaviour_vectors(sequences: str | Path, item_ids: np.ndarray, dim: int, window: int, seed: int = 0) -> tuple[np.ndarray, dict]:
     """``(vectors (N, dim) float32, report)`` for the catalogue ``item_ids``."""
     counts = cooccurrence_counts(sequences, item_ids, window)
     vectors = ppmi_svd(counts, dim, seed)
-    covered = int((np.abs(vectors).sum(axis=1) > 0).sum())
+    covered = int(has_behaviour(vectors).sum())
     report = {"sequences": str(sequences), "dim": dim, "window": window, "pairs": int(counts.nnz), "items_with_behaviour": covered, "items": len(item_ids)}
     log.info("behaviour vectors: %d of %d items co-occur with another (%d distinct pairs)", covered, len(item_ids), counts.nnz)
     return vectors, report
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def fit_text_map(text: np.ndarray, behaviour: np.ndarray, ridge: float = 1.0, chunk: int = 65_536) -> np.ndarray:
@@ -136,7 +140,7 @@ def fit_text_map(text: np.ndarray, behaviour: np.ndarray, ridge: float = 1.0, ch
 
     Normal equations accumulated over row chunks, so a 1M-item catalogue needs no second copy of its embeddings.
     """
-    covered = np.flatnonzero(np.abs(behaviour).sum(axis=1) > 0)
+    covered = np.flatnonzero(has_behaviour(behaviour))
     if len(covered) < 2:
         raise DataError("behaviour.cold=text needs items with co-occurrences to learn from; none co-occur")
     d = text.shape[1] + 1
@@ -160,7 +164,7 @@ def predict_behaviour(text: np.ndarray, text_map: np.ndarray) -> np.ndarray:
 
 def fill_cold(text: np.ndarray, behaviour: np.ndarray, text_map: np.ndarray) -> tuple[np.ndarray, int]:
     """``behaviour`` with its zero rows replaced by their text's prediction; returns it and how many were filled."""
-    cold = np.flatnonzero(np.abs(behaviour).sum(axis=1) == 0)
+    cold = np.flatnonzero(~has_behaviour(behaviour))
     if len(cold):
         behaviour = behaviour.copy()
         behaviour[cold] = predict_behaviour(text[cold], text_map)
@@ -172,8 +176,7 @@ def join(text: np.ndarray, behaviour: np.ndarray | None, weight: float, dim: int
 
     ``behaviour=None`` (a cold-start catalogue: no interactions) joins zeros of ``dim``.
     """
-    norms = np.linalg.norm(text, axis=1, keepdims=True)
-    unit = text / np.maximum(norms, 1e-12)
+    unit = unit_rows(text)
     if behaviour is None:
         behaviour = np.zeros((len(text), dim), dtype=np.float32)
     if behaviour.shape != (len(text), dim):
