@@ -64,6 +64,7 @@ MODEL = [
     "model.text_pooling=mean", "model.max_items=21", "model.dropout=0.1", "batch_size=128", "lr=0.002", "warmup_steps=100",
     "same_id_negatives=2", "patience=3", "inference.beams=40", f"inference.max_per_id={MAX_PER_ID}",
 ]
+ID_BANK = 255
 RUNS = {
     "full": [],
     "noid": ["model.use_sparse=false", "inference.mode=dense_only"],
@@ -73,6 +74,12 @@ RUNS = {
     "full_items": ["model.item_embedding=true", "item_embedding_init=behaviour"],
     # w/o ID with that same dense path (the ablation of full_items: one flag off)
     "noid_items": ["model.use_sparse=false", "inference.mode=dense_only", "model.item_embedding=true", "item_embedding_init=behaviour"],
+    # full_items + a dense term inside the target's own ID (up to 255 of its items from a bank of every item's latest
+    # vector): the in-batch softmax barely trains P(item | ID), since its negatives almost all lie in other IDs
+    "full_idbank": ["model.item_embedding=true", "item_embedding_init=behaviour", f"id_bank_negatives={ID_BANK}"],
+    # its w/o ID: the same negatives, one flag off
+    "noid_idbank": ["model.use_sparse=false", "inference.mode=dense_only", "model.item_embedding=true", "item_embedding_init=behaviour",
+                    f"id_bank_negatives={ID_BANK}"],
 }
 EVAL = {
     # tau/beams chosen on the validation day; psi as on Beauty
@@ -84,6 +91,8 @@ EVAL = {
 }
 EVAL["full_items"] = EVAL["full"]
 EVAL["noid_items"] = EVAL["noid"]
+EVAL["full_idbank"] = EVAL["full"]
+EVAL["noid_idbank"] = EVAL["noid"]
 LABEL = {"cobra": "COBRA", "no_fusion": "w/o BeamFusion", "dense_only": "w/o ID", "sparse_only": "w/o Dense"}
 
 

@@ -7,6 +7,10 @@ For a seeded sample of validation (or test) users of a trained run it prints:
 * ID-hit@M: how often the target's full sparse ID is among the M beams,
 * inside the target's ID when it is among the M beams: the ID's size and how often the
   dense vector predicted for that ID ranks the target first among the ID's items,
+* given the target's own ID (an oracle for the beams): the dense vector for that ID -- the
+  ID-conditioned one of COBRA, or the one prediction of a w/o ID model -- and where it ranks
+  the target among the ID's items (first, in the top 10, mean reciprocal rank); the same
+  measure for both kinds of model, so their dense vectors compare inside the same IDs,
 * item recall@K of the inference modes on the same users (and of a tau x psi x
   normalisation grid of BeamFusion).
 
@@ -50,6 +54,42 @@ def code_cross_entropy(rec, history: torch.Tensor, targets: np.ndarray) -> list[
     return out
 
 
+@torch.no_grad()
+def oracle_vectors(rec, history: torch.Tensor, targets: np.ndarray) -> torch.Tensor:
+    """The dense vector predicted for the target's own ID (teacher forced); w/o ID: the model's one prediction."""
+    model, K = rec.model, rec.model.cfg.codes
+    codes, vectors, valid = rec._history_inputs(history)
+    h, cache, pos = model.start(codes, vectors, valid)
+    if not model.cfg.use_sparse:
+        return model.dense_prediction(h)
+    tcodes = rec.codes[torch.from_numpy(targets)]
+    prefix = torch.zeros(len(targets), dtype=torch.long)
+    for level in range(tcodes.shape[1]):
+        h, cache = model.step_code(cache, level, tcodes[:, level], pos, prefix if level else None)
+        prefix = prefix * K + tcodes[:, level]
+    return model.dense_prediction(h)
+
+
+def in_own_id(rec, history: torch.Tensor, targets: np.ndarray, batch: int = 256) -> dict:
+    """Rank of the target among the items of its own ID under the vector of :func:`oracle_vectors`."""
+    ranks, sizes = [], []
+    for s in range(0, len(targets), batch):
+        t = targets[s : s + batch]
+        q = oracle_vectors(rec, history[s : s + batch], t)
+        cand, _ = rec.index.search_in_ids(q, rec.sids[torch.from_numpy(t)])
+        hit = cand == torch.from_numpy(t)[:, None]
+        # a target outside the ID's best max_per_id has no rank (reciprocal rank 0)
+        ranks += torch.where(hit.any(1), hit.float().argmax(1) + 1, torch.zeros(len(t), dtype=torch.long)).tolist()
+        sizes += (cand >= 0).sum(1).tolist()
+    r = np.asarray(ranks)
+    return {
+        "mean_items": round(float(np.mean(sizes)), 1),
+        "target_first": round(float(np.mean(r == 1)), 4),
+        "target_top10": round(float(np.mean((r >= 1) & (r <= 10))), 4),
+        "mrr": round(float(np.mean(np.where(r > 0, 1.0 / np.maximum(r, 1), 0.0))), 4),
+    }
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True)
@@ -68,6 +108,8 @@ def main(argv=None) -> dict:
     rec = make_recommender(model, catalogue, device, cfg.inference.max_per_id)  # the run's cap on candidates per ID
     first = np.array([t[0] for t in users.targets])
     result = {"run": args.run, "users": len(first)}
+    if model.cfg.use_dense and rec.index is not None:
+        result["in_own_id"] = in_own_id(rec, users.history, first)
     if model.cfg.use_sparse:
         ce = []
         for s in range(0, len(first), 256):

@@ -341,8 +341,18 @@ class CobraModel(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def forward(self, batch: Batch, bank_keys: torch.Tensor | None = None, bank_ids: torch.Tensor | None = None) -> Losses:
+    def forward(
+        self, batch: Batch, bank_keys: torch.Tensor | None = None, bank_ids: torch.Tensor | None = None,
+        id_bank: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Losses:
         """Losses of a batch.
+
+        ``id_bank`` = ``(vectors (N, d), candidates (U, W))``: the latest vectors of all N
+        catalogue items (no gradient) and, per unique item of the batch, catalogue indices
+        whose column 0 is the item itself and the rest other items of its sparse ID (-1
+        padded; :func:`~cobra_scale.train.negatives.same_id_candidates`). It adds a dense term:
+        each prediction against its target's row of candidates, the target's bank vector as the
+        positive -- the softmax P(item | ID) inside the target's ID that inference ranks with.
 
         ``bank_keys`` (E, d), the latest vectors of catalogue items (no gradient), with their
         catalogue indices ``bank_ids`` (E,, sorted, holding every target of the batch), add a
@@ -419,8 +429,24 @@ class CobraModel(nn.Module):
                     in_bank = keep & (bank_ids[at_hist] == hist_ids)
                     bank = self._dense_repeat_rows(bank, pred, bank_keys[at_hist], bank_keys[at], in_bank, bucket, at_hist == at[:, None]).mean()
                 dense = dense + bank
+            if id_bank is not None:
+                dense = dense + self._id_bank_loss(pred, *id_bank, target_items)
         total = cfg.sparse_weight * sparse + cfg.dense_weight * dense
         return Losses(total, sparse, dense, per_level, int(target_items.numel()), vectors.detach() if vectors is not None else None)
+
+    def _id_bank_loss(self, pred: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor, target_items: torch.Tensor) -> torch.Tensor:
+        """Mean CE of each prediction (P, d) over its target's candidates (column 0 the positive).
+
+        Rows whose ID holds no other item are left out of the mean (their softmax has one key).
+        """
+        cand = candidates[target_items]  # (P, W)
+        keys = F.normalize(bank.detach()[cand.clamp(min=0)].to(pred.dtype), dim=-1)  # (P, W, d), no gradient
+        logits = torch.einsum("pd,pwd->pw", F.normalize(pred, dim=-1), keys).float() / self.temperature.float()
+        logits = logits.masked_fill(cand < 0, float("-inf"))
+        rows = (cand[:, 1:] >= 0).any(1)
+        if not bool(rows.any()):
+            return pred.new_zeros(()).float()
+        return -F.log_softmax(logits[rows], dim=-1)[:, 0].mean()
 
     def _dense_repeat_history(self, idx: torch.Tensor, valid: torch.Tensor, target_ok: torch.Tensor):
         """For each prediction (the targets of ``target_ok`` (B, S-1)): its row's distinct earlier items.

@@ -126,6 +126,13 @@ class TrainConfig:
         "latest vectors (no gradient, re-encoded each epoch; the positive is the target's bank vector); -1 = the whole "
         "catalogue, 0 = in-batch only (the paper). Local launcher",
     )
+    id_bank_negatives: int = field(
+        0,
+        help="dense loss: add a term scoring each prediction against up to N other items of its target's own sparse ID from "
+        "the bank of latest vectors (no gradient on those keys; the target's bank vector is the positive): the softmax "
+        "P(item | ID) that inference ranks inside a beam's ID with (every item of an ID of at most N + 1; 0 = off; w/o ID: "
+        "the same hard negatives). Local launcher",
+    )
     ema_decay: float = field(
         0.0,
         help="keep an exponential moving average of the weights (torch.optim.swa_utils, updated every step) with this decay, "
@@ -178,6 +185,10 @@ class TrainConfig:
             raise ConfigError("steps_per_epoch is for the local launcher; with launcher=ray bound the run with distributed.max_steps")
         if self.catalogue_negatives < -1:
             raise ConfigError("catalogue_negatives must be -1 (whole catalogue), 0 (off) or a count")
+        if self.id_bank_negatives < 0:
+            raise ConfigError("id_bank_negatives must be >= 0 (0 = off): items of the target's ID per prediction")
+        if self.id_bank_negatives and not self.model.use_dense:
+            raise ConfigError("id_bank_negatives needs the dense path (model.use_dense=true)")
         if self.item_embedding_init not in ("zeros", "behaviour"):
             raise ConfigError("item_embedding_init must be zeros or behaviour")
         if self.item_embedding_init == "behaviour":
@@ -200,6 +211,8 @@ class TrainConfig:
             raise ConfigError("ema_decay is built for the local launcher only (the Ray trainer keeps no weight average)")
         if self.catalogue_negatives and self.launcher == "ray":
             raise ConfigError("catalogue_negatives is built for the local launcher only; use same_id_negatives with launcher=ray")
+        if self.id_bank_negatives and self.launcher == "ray":
+            raise ConfigError("id_bank_negatives is built for the local launcher only; use same_id_negatives with launcher=ray")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("device must be auto|cpu|cuda")
         if self.precision not in ("fp32", "bf16"):

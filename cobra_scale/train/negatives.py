@@ -60,3 +60,26 @@ class VectorBank:
             pick = torch.randperm(len(pool), generator=generator, device=pool.device)[: self.negatives]
             pool = torch.cat([pool[pick], batch_items.to(pool.device)]).unique()  # unique() sorts
         return self.vectors[pool], pool
+
+
+def same_id_candidates(buckets: tuple[np.ndarray, np.ndarray, np.ndarray], items: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Keys of the ID-restricted dense term (``id_bank_negatives``) for catalogue ``items`` (U,).
+
+    ``buckets`` is :meth:`~cobra_scale.train.data.Catalogue.id_buckets`. Returns (U, n + 2)
+    catalogue indices: column 0 the item itself (the positive), then the other items of its
+    full sparse ID -- every one when the ID holds at most ``n + 1`` items, else ``n + 1`` draws
+    with repeats removed -- padded with -1.
+    """
+    order, start, size = buckets
+    items = np.asarray(items, dtype=np.int64)
+    width = n + 1
+    if not len(order):
+        return np.concatenate([items[:, None], np.full((len(items), width), -1, dtype=np.int64)], axis=1)
+    sz = size[items][:, None]
+    drawn = (rng.random((len(items), width)) * sz).astype(np.int64)
+    offsets = np.where(sz <= width, np.arange(width)[None, :], drawn)
+    cand = np.where(offsets < sz, order[np.minimum(start[items][:, None] + offsets, len(order) - 1)], -1)
+    cand[cand == items[:, None]] = -1
+    cand.sort(axis=1)
+    cand[:, 1:][cand[:, 1:] == cand[:, :-1]] = -1  # repeats of a draw
+    return np.concatenate([items[:, None], cand], axis=1)

@@ -31,7 +31,7 @@ from cobra_scale.model.beam import PrefixMasks
 from cobra_scale.model.cobra import Batch, CobraModel, Losses
 from cobra_scale.retrieve.recommender import InferenceParams, Recommender
 from cobra_scale.train.configs import InferenceConfig, TrainConfig
-from cobra_scale.train.negatives import VectorBank
+from cobra_scale.train.negatives import VectorBank, same_id_candidates
 from cobra_scale.train.data import (
     Catalogue,
     batch_to,
@@ -230,11 +230,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 
 def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float, precision: str = "fp32", engine=None,
-               bank: VectorBank | None = None) -> Losses:
+               bank: VectorBank | None = None, id_candidates: torch.Tensor | None = None) -> Losses:
     """One optimisation step on one batch (the unit the distributed trainer wraps).
 
-    With a ``bank`` the dense loss gets its catalogue term (see :mod:`cobra_scale.train.negatives`),
-    and the bank takes the batch's freshly encoded item vectors afterwards.
+    With a ``bank`` of ``negatives != 0`` the dense loss gets its catalogue term (see
+    :mod:`cobra_scale.train.negatives`); with ``id_candidates`` (the batch's unique items'
+    rows of :func:`~cobra_scale.train.negatives.same_id_candidates`) its term inside the
+    target's ID against the bank. The bank takes the batch's freshly encoded item vectors afterwards.
 
     With a DeepSpeed ``engine`` (``model`` is then the engine itself) the engine owns the
     backward (loss scaling, gradient accumulation, ZeRO reduce-scatter), clipping
@@ -243,11 +245,12 @@ def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer
     model.train()
     device_type = batch.seq.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        if bank is not None:
-            keys, key_ids = bank.sample(batch.item_ids)
-            losses = model(batch, keys, key_ids)
-        else:
-            losses = model(batch)
+        kwargs = {}
+        if bank is not None and bank.negatives:
+            kwargs["bank_keys"], kwargs["bank_ids"] = bank.sample(batch.item_ids)
+        if id_candidates is not None:
+            kwargs["id_bank"] = (bank.vectors, id_candidates)
+        losses = model(batch, **kwargs)
     if bank is not None and losses.item_vectors is not None:
         bank.update(batch.item_ids, losses.item_vectors)
     if engine is not None:
@@ -430,19 +433,27 @@ def run(cfg: TrainConfig) -> dict:
         batches = epoch_batches(lengths, cfg, epoch)
         rng = np.random.default_rng([cfg.seed, epoch])
         sums = {"total": 0.0, "sparse": 0.0, "dense": 0.0}
-        if cfg.catalogue_negatives and cfg.model.use_dense:  # each epoch the bank starts from the current weights
+        if (cfg.catalogue_negatives or cfg.id_bank_negatives) and cfg.model.use_dense:  # each epoch the bank starts from the current weights
             vectors = encode_catalogue(model, catalogue, device)
             if bank is None:
                 bank = VectorBank(vectors, cfg.catalogue_negatives, catalogue.held_out)
-                log.info("dense loss: %s catalogue negatives per step from a bank of %d item vectors",
-                         "all" if cfg.catalogue_negatives < 0 else cfg.catalogue_negatives, len(bank))
+                if cfg.catalogue_negatives:
+                    log.info("dense loss: %s catalogue negatives per step from a bank of %d item vectors",
+                             "all" if cfg.catalogue_negatives < 0 else cfg.catalogue_negatives, len(bank))
+                if cfg.id_bank_negatives:
+                    log.info("dense loss: up to %d items of the target's own ID per prediction from a bank of %d item vectors",
+                             cfg.id_bank_negatives, len(bank))
             else:
                 bank.refresh(vectors)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", unit="step", leave=False)
         for i in bar:
             chunk = [windows[j] for j in batches[i]]
             batch = batch_to(trim_tokens(collate(chunk, catalogue, cfg.dense_negatives, rng)), device)
-            losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, precision, bank=bank)
+            id_candidates = None
+            if cfg.id_bank_negatives and cfg.model.use_dense:
+                cand = same_id_candidates(catalogue.id_buckets(), batch.item_ids.cpu().numpy(), cfg.id_bank_negatives, rng)
+                id_candidates = torch.from_numpy(cand).to(device)
+            losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, precision, bank=bank, id_candidates=id_candidates)
             if ema is not None:
                 ema.update_parameters(model)
             for k in sums:

@@ -71,6 +71,17 @@ def test_catalogue_negatives_and_item_embedding_train_and_reload(data, tmp_path)
     assert rec is not None
 
 
+def test_id_bank_negatives_train(data, tmp_path, caplog):
+    """The ID-restricted term trains end to end, with no catalogue term beside it (catalogue_negatives=0)."""
+    out = tmp_path / "idbank"
+    with caplog.at_level("INFO", logger="cobra_scale.train.trainer"):
+        summary = run(config(data, out, "epochs=2", "id_bank_negatives=8"))
+    assert summary["epochs"] == 2
+    assert "items of the target's own ID" in caplog.text and "catalogue negatives per step" not in caplog.text
+    model, catalogue, cfg, device = load_run(out)
+    assert cfg.id_bank_negatives == 8
+
+
 def test_constrained_codes_train_and_reload(data, tmp_path):
     """The trainer gives the model its catalogue's trie; the saved config makes inference score the same way."""
     out = tmp_path / "constrained"

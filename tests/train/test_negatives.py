@@ -3,12 +3,14 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cobra_scale.errors import ConfigError
 from cobra_scale.model.cobra import Batch, CobraModel
 from cobra_scale.model.config import CobraConfig
 from cobra_scale.train.configs import TrainConfig
-from cobra_scale.train.negatives import VectorBank
+from cobra_scale.train.data import id_groups
+from cobra_scale.train.negatives import VectorBank, same_id_candidates
 from tests.model.test_cobra import catalogue, tiny_model
 
 
@@ -73,6 +75,62 @@ def test_bank_term_is_a_softmax_over_the_bank_with_the_targets_bank_vector_as_po
         model(batch, keys[:3], ids[:3])  # a target without a bank row
 
 
+def test_same_id_candidates_hold_the_item_first_then_other_items_of_its_id():
+    # IDs: items 0-2 share one ID, 3 is alone, 4-11 share another (8 items)
+    codes = np.array([[0, 0]] * 3 + [[0, 1]] + [[1, 1]] * 8)
+    buckets = id_groups(codes, 4)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        cand = same_id_candidates(buckets, np.array([0, 3, 5]), 3, rng)
+        assert cand.shape == (3, 5) and cand[:, 0].tolist() == [0, 3, 5]
+        assert sorted(x for x in cand[0, 1:] if x >= 0) == [1, 2]  # a small ID: every other item
+        assert (cand[1, 1:] == -1).all()  # alone in its ID: no negative
+        others = [x for x in cand[2, 1:] if x >= 0]  # a large ID: up to 4 distinct draws, never the item itself
+        assert others and len(set(others)) == len(others) and set(others) <= set(range(4, 12)) - {5}
+    held = np.zeros(12, dtype=bool)
+    held[1] = True
+    cand = same_id_candidates(id_groups(codes, 4, ~held), np.array([0]), 3, rng)
+    assert sorted(x for x in cand[0, 1:] if x >= 0) == [2]  # held-out items are never drawn
+
+
+def test_id_bank_term_is_the_softmax_inside_the_targets_id():
+    """The term is the CE of each prediction over its target's candidates (bank vectors), column 0 positive;
+    rows whose ID holds no other item are left out; the bank's keys get no gradient."""
+    model = tiny_model(random_prefix=False)
+    tokens, mask, codes = catalogue()
+    seq = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    sub = torch.arange(6)
+    batch = Batch(tokens[sub], mask[sub], codes[sub], sub, seq)
+    captured = {}
+    import cobra_scale.model.cobra as cobra_mod
+
+    original = cobra_mod.dense_contrastive_loss
+
+    def spy(pred, k, pos, t, *a, **kw):
+        captured.setdefault("pred", pred.detach())
+        captured.setdefault("t", float(t))
+        return original(pred, k, pos, t, *a, **kw)
+
+    cobra_mod.dense_contrastive_loss = spy
+    try:
+        base = model(batch)
+    finally:
+        cobra_mod.dense_contrastive_loss = original
+    bank = torch.randn(12, 16, requires_grad=True)
+    cand = torch.full((6, 3), -1, dtype=torch.long)
+    cand[:, 0] = sub
+    cand[1, 1:] = torch.tensor([7, 9])  # target 1: two negatives
+    cand[4, 1] = 11  # target 4: one negative; targets 2 and 5 have none
+    out = model(batch, id_bank=(bank, cand))
+    pred = F.normalize(captured["pred"], dim=-1)  # rows: targets 1, 2, 4, 5
+    keys = F.normalize(bank.detach(), dim=-1)
+    ce1 = -torch.log_softmax(torch.stack([pred[0] @ keys[1], pred[0] @ keys[7], pred[0] @ keys[9]]) / captured["t"], 0)[0]
+    ce4 = -torch.log_softmax(torch.stack([pred[2] @ keys[4], pred[2] @ keys[11]]) / captured["t"], 0)[0]
+    assert float((out.dense - base.dense).detach()) == pytest.approx(float((ce1 + ce4) / 2), abs=1e-4)
+    out.total.backward()
+    assert bank.grad is None or not bank.grad.abs().sum()
+
+
 def test_item_embedding_adds_a_row_per_known_item_only():
     model = tiny_model(random_prefix=False, item_embedding=True, catalogue_items=8)
     tokens, mask, _ = catalogue()
@@ -103,3 +161,7 @@ def test_config_errors():
         TrainConfig(data="d", ids="i", out="o", catalogue_negatives=-2)
     with pytest.raises(ConfigError):
         TrainConfig(data="d", ids="i", out="o", catalogue_negatives=-1, launcher="ray")
+    with pytest.raises(ConfigError, match="id_bank_negatives"):
+        TrainConfig(data="d", ids="i", out="o", id_bank_negatives=-1)
+    with pytest.raises(ConfigError, match="local launcher"):
+        TrainConfig(data="d", ids="i", out="o", id_bank_negatives=8, launcher="ray")
