@@ -77,6 +77,10 @@ RUNS = {
     # full_items + a dense term inside the target's own ID (up to 255 of its items from a bank of every item's latest
     # vector): the in-batch softmax barely trains P(item | ID), since its negatives almost all lie in other IDs
     "full_idbank": ["model.item_embedding=true", "item_embedding_init=behaviour", f"id_bank_negatives={ID_BANK}"],
+    # diagnostics of COBRA's ID-conditioned dense vector (session 23): the dense loss weighted 3x; the code loss off
+    # (the codes are then untrained, but the dense vector still reads the true IDs of the history and the target)
+    "full_dw3": ["model.item_embedding=true", "item_embedding_init=behaviour", "model.dense_weight=3"],
+    "full_sw0": ["model.item_embedding=true", "item_embedding_init=behaviour", "model.sparse_weight=0"],
     # its w/o ID: the same negatives, one flag off
     "noid_idbank": ["model.use_sparse=false", "inference.mode=dense_only", "model.item_embedding=true", "item_embedding_init=behaviour",
                     f"id_bank_negatives={ID_BANK}"],
@@ -93,6 +97,7 @@ EVAL["full_items"] = EVAL["full"]
 EVAL["noid_items"] = EVAL["noid"]
 EVAL["full_idbank"] = EVAL["full"]
 EVAL["noid_idbank"] = EVAL["noid"]
+EVAL["full_dw3"] = EVAL["full_sw0"] = EVAL["full"]
 LABEL = {"cobra": "COBRA", "no_fusion": "w/o BeamFusion", "dense_only": "w/o ID", "sparse_only": "w/o Dense"}
 
 

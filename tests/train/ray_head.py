@@ -84,16 +84,21 @@ def head_processes(temp_dir: str, gcs_address: str | None = None) -> list[psutil
 
 
 def stop_head(temp_dir: str, gcs_address: str | None = None) -> None:
-    procs = head_processes(temp_dir, gcs_address)
-    for proc in procs:
-        try:
-            proc.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
+    # rounds: a process the head spawned while the previous round was stopping it (a GCS server
+    # outlived one round on a loaded machine) is found and stopped by the next
+    for _ in range(3):
+        procs = head_processes(temp_dir, gcs_address)
+        if not procs:
+            break
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
     shutil.rmtree(temp_dir, ignore_errors=True)
