@@ -96,13 +96,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--split-name", default="valid")
     ap.add_argument("--users", type=int, default=1000)
     ap.add_argument("--beams", default="10,20,50")
-    ap.add_argument("--modes", default="cobra,no_fusion")
+    ap.add_argument("--modes", default="", help="inference modes to score (default: cobra,no_fusion; dense_only for a w/o ID run)")
     ap.add_argument("--grid-tau", default="", help="also score cobra at these tau values (comma list) x --grid-psi")
     ap.add_argument("--grid-psi", default="")
     ap.add_argument("--grid-normalize", default="", help="BeamFusion normalisations of the grid: per_beam,global")
     ap.add_argument("--grid-beams", type=int, default=0, help="beams M of the grid (default: the run's)")
     args = ap.parse_args(argv)
     model, catalogue, cfg, device = load_run(args.run, "cpu")
+    modes = [m for m in args.modes.split(",") if m] or (["cobra", "no_fusion"] if model.cfg.use_sparse else ["dense_only"])
+    beam_modes = {"cobra", "no_fusion", "sparse_only", "liger"}
+    if not model.cfg.use_sparse and beam_modes & set(modes):
+        ap.error(f"{args.run} was trained without sparse IDs (w/o ID): use --modes dense_only")
     split = Path(cfg.data) / "splits" / cfg.split / args.split_name
     users = load_examples(split, catalogue, cfg.model.max_items - 1).sample(args.users, 0)
     rec = make_recommender(model, catalogue, device, cfg.inference.max_per_id)  # the run's cap on candidates per ID
@@ -134,7 +138,7 @@ def main(argv=None) -> dict:
             result[f"id_hit@{m}"] = round(hits / len(first), 4)
             if sizes:
                 result[f"in_hit_id@{m}"] = {"mean_items": round(float(np.mean(sizes)), 2), "target_first": round(float(np.mean(top1)), 3)}
-    for mode in args.modes.split(","):
+    for mode in modes:
         p = InferenceParams(mode=mode, beams=cfg.inference.beams, tau=cfg.inference.tau, psi=cfg.inference.psi, normalize=cfg.inference.normalize)
         result[mode] = {k: round(v, 4) for k, v in evaluate(rec, users.history, users.targets, p, progress=False).items()}
     taus = [float(x) for x in args.grid_tau.split(",") if x] or [cfg.inference.tau]
