@@ -79,13 +79,13 @@ RUNS = {
     # full_items + a dense term inside the target's own ID (up to 255 of its items from a bank of every item's latest
     # vector): the in-batch softmax barely trains P(item | ID), since its negatives almost all lie in other IDs
     "full_idbank": ["model.item_embedding=true", "item_embedding_init=behaviour", f"id_bank_negatives={ID_BANK}"],
+    # its w/o ID: the same negatives, one flag off
+    "noid_idbank": ["model.use_sparse=false", "inference.mode=dense_only", "model.item_embedding=true", "item_embedding_init=behaviour",
+                    f"id_bank_negatives={ID_BANK}"],
     # diagnostics of COBRA's ID-conditioned dense vector (session 23): the dense loss weighted 3x; the code loss off
     # (the codes are then untrained, but the dense vector still reads the true IDs of the history and the target)
     "full_dw3": ["model.item_embedding=true", "item_embedding_init=behaviour", "model.dense_weight=3"],
     "full_sw0": ["model.item_embedding=true", "item_embedding_init=behaviour", "model.sparse_weight=0"],
-    # its w/o ID: the same negatives, one flag off
-    "noid_idbank": ["model.use_sparse=false", "inference.mode=dense_only", "model.item_embedding=true", "item_embedding_init=behaviour",
-                    f"id_bank_negatives={ID_BANK}"],
 }
 EVAL = {
     # tau/beams chosen on the validation day; psi as on Beauty

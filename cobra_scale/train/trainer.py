@@ -450,7 +450,7 @@ def run(cfg: TrainConfig) -> dict:
             chunk = [windows[j] for j in batches[i]]
             batch = batch_to(trim_tokens(collate(chunk, catalogue, cfg.dense_negatives, rng)), device)
             id_candidates = None
-            if cfg.id_bank_negatives and cfg.model.use_dense:
+            if cfg.id_bank_negatives:  # the config requires the dense path with it
                 cand = same_id_candidates(catalogue.id_buckets(), batch.item_ids.cpu().numpy(), cfg.id_bank_negatives, rng)
                 id_candidates = torch.from_numpy(cand).to(device)
             losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, precision, bank=bank, id_candidates=id_candidates)

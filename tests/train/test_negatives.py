@@ -38,6 +38,26 @@ def test_bank_update_and_refresh_replace_rows():
         bank.refresh(torch.zeros(4, 3))
 
 
+def losses_and_predictions(model, batch):
+    """``(losses, {"pred": the dense predictions (P, d), "t": the temperature})`` of one forward pass,
+    the predictions caught where they enter the in-batch dense loss."""
+    import cobra_scale.model.cobra as cobra_mod
+
+    captured = {}
+    original = cobra_mod.dense_contrastive_loss
+
+    def spy(pred, k, pos, t, *a, **kw):
+        captured.setdefault("pred", pred.detach())
+        captured.setdefault("t", float(t))
+        return original(pred, k, pos, t, *a, **kw)
+
+    cobra_mod.dense_contrastive_loss = spy
+    try:
+        return model(batch), captured
+    finally:
+        cobra_mod.dense_contrastive_loss = original
+
+
 def test_bank_term_is_a_softmax_over_the_bank_with_the_targets_bank_vector_as_positive():
     """The catalogue term equals the in-batch loss of a batch whose keys are the bank's vectors."""
     from cobra_kernels import cosine_contrastive_loss_reference
@@ -52,21 +72,7 @@ def test_bank_term_is_a_softmax_over_the_bank_with_the_targets_bank_vector_as_po
     keys, ids = bank.sample(sub)
     with_bank = model(batch, keys, ids)
     # the predictions, recovered from the model's own in-batch term: rerun it with the bank as the batch's vectors
-    captured = {}
-    import cobra_scale.model.cobra as cobra_mod
-
-    original = cobra_mod.dense_contrastive_loss
-
-    def spy(pred, k, pos, t, *a, **kw):
-        captured.setdefault("pred", pred.detach())
-        captured.setdefault("t", float(t))
-        return original(pred, k, pos, t, *a, **kw)
-
-    cobra_mod.dense_contrastive_loss = spy
-    try:
-        model(batch)
-    finally:
-        cobra_mod.dense_contrastive_loss = original
+    _, captured = losses_and_predictions(model, batch)
     targets = torch.tensor([1, 2, 4, 5])  # items after the first of each row
     expected = cosine_contrastive_loss_reference(captured["pred"], bank.vectors, targets, captured["t"])
     assert float((with_bank.dense - base.dense).detach()) == pytest.approx(float(expected), abs=1e-4)
@@ -101,21 +107,7 @@ def test_id_bank_term_is_the_softmax_inside_the_targets_id():
     seq = torch.tensor([[0, 1, 2], [3, 4, 5]])
     sub = torch.arange(6)
     batch = Batch(tokens[sub], mask[sub], codes[sub], sub, seq)
-    captured = {}
-    import cobra_scale.model.cobra as cobra_mod
-
-    original = cobra_mod.dense_contrastive_loss
-
-    def spy(pred, k, pos, t, *a, **kw):
-        captured.setdefault("pred", pred.detach())
-        captured.setdefault("t", float(t))
-        return original(pred, k, pos, t, *a, **kw)
-
-    cobra_mod.dense_contrastive_loss = spy
-    try:
-        base = model(batch)
-    finally:
-        cobra_mod.dense_contrastive_loss = original
+    base, captured = losses_and_predictions(model, batch)
     bank = torch.randn(12, 16, requires_grad=True)
     cand = torch.full((6, 3), -1, dtype=torch.long)
     cand[:, 0] = sub
