@@ -86,6 +86,8 @@ RUNS = {
     # (the codes are then untrained, but the dense vector still reads the true IDs of the history and the target)
     "full_dw3": ["model.item_embedding=true", "item_embedding_init=behaviour", "model.dense_weight=3"],
     "full_sw0": ["model.item_embedding=true", "item_embedding_init=behaviour", "model.sparse_weight=0"],
+    # the dense_weight grid on validation (session 24)
+    "full_dw10": ["model.item_embedding=true", "item_embedding_init=behaviour", "model.dense_weight=10"],
 }
 EVAL = {
     # tau/beams chosen on the validation day; psi as on Beauty
@@ -99,7 +101,7 @@ EVAL["full_items"] = EVAL["full"]
 EVAL["noid_items"] = EVAL["noid"]
 EVAL["full_idbank"] = EVAL["full"]
 EVAL["noid_idbank"] = EVAL["noid"]
-EVAL["full_dw3"] = EVAL["full_sw0"] = EVAL["full"]
+EVAL["full_dw3"] = EVAL["full_sw0"] = EVAL["full_dw10"] = EVAL["full"]
 LABEL = {"cobra": "COBRA", "no_fusion": "w/o BeamFusion", "dense_only": "w/o ID", "sparse_only": "w/o Dense"}
 
 

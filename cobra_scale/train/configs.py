@@ -96,6 +96,12 @@ class TrainConfig:
     batch_size: int = field(512, help="training windows per step")
     lr: float = field(2e-3, help="AdamW peak learning rate")
     weight_decay: float = field(0.01, help="AdamW weight decay")
+    id_weight_decay: float = field(
+        0.0,
+        help="AdamW weight decay on the sparse-ID rows alone (model.code_emb and the ID-trie rows model.prefix_emb, which are "
+        "also the code heads' per-ID scores); embeddings get none otherwise. Against the code predictions over-fitting "
+        "(not in the paper); 0 = off",
+    )
     warmup_steps: int = field(200, help="linear warm-up steps, then cosine decay to 10%")
     grad_clip: float = field(1.0, help="max gradient norm (0 = off)")
     seed: int = field(0, help="random seed")
@@ -168,6 +174,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.launcher not in ("local", "ray"):
             raise ConfigError("launcher must be local or ray")
+        if self.weight_decay < 0 or self.id_weight_decay < 0:
+            raise ConfigError("weight_decay and id_weight_decay must be >= 0")
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")

@@ -168,32 +168,48 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def optimizer_groups(model: CobraModel) -> tuple[list[str], list[str]]:
+def is_id_row(name: str) -> bool:
+    """The sparse-ID rows: per-level code embeddings and the ID-trie rows (tied with the code heads)."""
+    return name.startswith(("code_emb.", "prefix_emb."))
+
+
+def optimizer_groups(model: CobraModel, id_rows: bool = False) -> tuple[list[str], ...]:
     """Parameter names with and without weight decay (decay on matrices only, not on embeddings, norms, biases,
-    nor the repeat offsets, which are logit biases even when stored as a (levels, positions) table)."""
+    nor the repeat offsets, which are logit biases even when stored as a (levels, positions) table).
+
+    ``id_rows``: a third group, the sparse-ID rows (:func:`is_id_row`), taken out of the second, for
+    ``id_weight_decay``.
+    """
 
     def decays(name: str, p) -> bool:
         return p.ndim >= 2 and "emb" not in name and not name.endswith("repeat.logit")
 
     decay = [n for n, p in model.named_parameters() if decays(n, p)]
-    no_decay = [n for n, p in model.named_parameters() if not decays(n, p)]
-    return decay, no_decay
+    no_decay = [n for n, p in model.named_parameters() if not decays(n, p) and not (id_rows and is_id_row(n))]
+    if not id_rows:
+        return decay, no_decay
+    return decay, no_decay, [n for n, _ in model.named_parameters() if is_id_row(n)]
 
 
 def make_optimizer(model: CobraModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on embeddings, norms, biases)."""
+    """AdamW with weight decay on matrices only (not on embeddings, norms, biases); with
+    ``id_weight_decay`` > 0 a third group decays the sparse-ID rows."""
     params = dict(model.named_parameters())
-    decay, no_decay = optimizer_groups(model)
+    groups = optimizer_groups(model, id_rows=cfg.id_weight_decay > 0)
+    decays = (cfg.weight_decay, 0.0, cfg.id_weight_decay)
     return torch.optim.AdamW(
-        [{"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay}, {"params": [params[n] for n in no_decay], "weight_decay": 0.0}],
-        lr=cfg.lr,
+        [{"params": [params[n] for n in names], "weight_decay": wd} for names, wd in zip(groups, decays)], lr=cfg.lr
     )
+
+
+def _groups_of(model: CobraModel, optimizer) -> tuple[list[str], ...]:
+    return optimizer_groups(model, id_rows=len(optimizer.param_groups) == 3)
 
 
 def optimizer_checkpoint(model: CobraModel, optimizer, scheduler) -> dict:
     """What ``optimizer.pt`` holds: the states and the parameter names they belong to."""
-    decay, no_decay = optimizer_groups(model)
-    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "param_names": decay + no_decay}
+    names = [n for group in _groups_of(model, optimizer) for n in group]
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "param_names": names}
 
 
 def load_optimizer_checkpoint(model: CobraModel, optimizer, scheduler, saved: dict) -> None:
@@ -204,20 +220,30 @@ def load_optimizer_checkpoint(model: CobraModel, optimizer, scheduler, saved: di
     Checkpoints written before names were saved (session 2) are read in that code's order:
     the top-level temperature came first among the parameters without decay.
     """
-    decay, no_decay = optimizer_groups(model)
-    current = decay + no_decay
+    groups_now = _groups_of(model, optimizer)
+    current = [n for group in groups_now for n in group]
     names = saved.get("param_names")
     if names is None:
+        decay, no_decay = groups_now[:2]
         legacy = [n for n in no_decay if n != "temp.log_temperature"]
         names = decay + (["temp.log_temperature"] + legacy if "temp.log_temperature" in no_decay else legacy)
     names = ["temp.log_temperature" if n == "log_temperature" else n for n in names]
     if sorted(names) != sorted(current):
         raise CobraError("the checkpoint's optimiser state belongs to a different model (parameters differ); start a new run folder or resume=false")
     state = saved["optimizer"]
+    if len(state["param_groups"]) != len(groups_now):
+        raise CobraError(
+            "the checkpoint's optimiser was built with id_weight_decay "
+            + ("on" if len(state["param_groups"]) == 3 else "off")
+            + "; resume with the same setting, or start a new run folder / resume=false"
+        )
     new_index = {n: i for i, n in enumerate(current)}
     remap = {old: new_index[n] for old, n in enumerate(names)}
     groups = [dict(g) for g in state["param_groups"]]
-    groups[0]["params"], groups[1]["params"] = list(range(len(decay))), list(range(len(decay), len(current)))
+    start = 0
+    for g, names_now in zip(groups, groups_now):
+        g["params"] = list(range(start, start + len(names_now)))
+        start += len(names_now)
     optimizer.load_state_dict({"state": {remap[int(k)]: v for k, v in state["state"].items()}, "param_groups": groups})
     scheduler.load_state_dict(saved["scheduler"])
 

@@ -67,3 +67,50 @@ def test_optimizer_state_of_another_model_is_refused():
     saved["param_names"] = saved["param_names"][:-1]
     with pytest.raises(CobraError, match="different model"):
         load_optimizer_checkpoint(*small()[:3], saved)
+
+
+def with_id_decay(wd=0.5):
+    model, _, _, cfg = small()
+    cfg.id_weight_decay = wd
+    opt = make_optimizer(model, cfg)
+    return model, opt, make_scheduler(opt, cfg, 10), cfg
+
+
+def test_id_weight_decay_decays_the_id_rows_only():
+    model, opt, sched, _ = with_id_decay(0.5)
+    assert len(opt.param_groups) == 3 and opt.param_groups[2]["weight_decay"] == 0.5
+    id_names = optimizer_groups(model, id_rows=True)[2]
+    assert id_names and all(n.startswith(("code_emb.", "prefix_emb.")) for n in id_names)
+    params = dict(model.named_parameters())
+    for p in model.parameters():
+        p.data.fill_(1.0)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for p in model.parameters():  # zero gradients: AdamW then moves a parameter by its decay alone
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    lr = opt.param_groups[2]["lr"]
+    for n, p in params.items():
+        if n in id_names:
+            assert torch.allclose(p, before[n] * (1 - lr * 0.5)), n
+        elif "emb" in n:  # the other embeddings (item, type, position, tokens) keep no decay
+            assert torch.equal(p, before[n]), n
+
+
+def test_round_trip_with_id_weight_decay_and_a_changed_setting_is_refused():
+    model, opt, sched, _ = with_id_decay()
+    step(model, opt, sched)
+    saved = optimizer_checkpoint(model, opt, sched)
+    model2, opt2, sched2, _ = with_id_decay()
+    load_optimizer_checkpoint(model2, opt2, sched2, saved)
+    a, b = states_by_name(model, opt), states_by_name(model2, opt2)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert opt2.param_groups[2]["weight_decay"] == 0.5
+    with pytest.raises(CobraError, match="id_weight_decay"):
+        load_optimizer_checkpoint(*small()[:3], saved)
+
+
+def test_negative_weight_decay_is_a_config_error():
+    from cobra_scale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="id_weight_decay"):
+        load_config(TrainConfig, dotlist=["data=x", "ids=y", "out=z", "id_weight_decay=-1"])
