@@ -88,6 +88,8 @@ RUNS = {
     "full_sw0": ["model.item_embedding=true", "item_embedding_init=behaviour", "model.sparse_weight=0"],
     # the dense_weight grid on validation (session 24)
     "full_dw10": ["model.item_embedding=true", "item_embedding_init=behaviour", "model.dense_weight=10"],
+    # + the auxiliary dense loss from the position before the target's codes (no ID given; model.history_dense_weight)
+    "full_dw3_hd": ["model.item_embedding=true", "item_embedding_init=behaviour", "model.dense_weight=3", "model.history_dense_weight=3"],
 }
 EVAL = {
     # tau/beams chosen on the validation day; psi as on Beauty
@@ -101,7 +103,7 @@ EVAL["full_items"] = EVAL["full"]
 EVAL["noid_items"] = EVAL["noid"]
 EVAL["full_idbank"] = EVAL["full"]
 EVAL["noid_idbank"] = EVAL["noid"]
-EVAL["full_dw3"] = EVAL["full_sw0"] = EVAL["full_dw10"] = EVAL["full"]
+EVAL["full_dw3"] = EVAL["full_sw0"] = EVAL["full_dw10"] = EVAL["full_dw3_hd"] = EVAL["full"]
 LABEL = {"cobra": "COBRA", "no_fusion": "w/o BeamFusion", "dense_only": "w/o ID", "sparse_only": "w/o Dense"}
 
 

@@ -432,6 +432,12 @@ class CobraModel(nn.Module):
             if id_bank is not None:
                 dense = dense + self._id_bank_loss(pred, *id_bank, target_items)
         total = cfg.sparse_weight * sparse + cfg.dense_weight * dense
+        if cfg.history_dense_weight > 0:  # the same head from the position before the target's codes (no ID given)
+            before_id = self.dense_head(pred_in[:, 0])
+            total = total + cfg.history_dense_weight * dense_contrastive_loss(
+                before_id, vectors, target_items, self.temperature, batch.item_ids[target_items], batch.item_ids,
+                impl=self.dense_loss_impl, scope=self.dense_loss_scope,
+            )
         return Losses(total, sparse, dense, per_level, int(target_items.numel()), vectors.detach() if vectors is not None else None)
 
     def _id_bank_loss(self, pred: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor, target_items: torch.Tensor) -> torch.Tensor:

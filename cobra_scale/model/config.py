@@ -30,6 +30,13 @@ class CobraConfig:
     learn_temperature: bool = field(True, help="train the temperature (as a log-parameter)")
     sparse_weight: float = field(1.0, help="weight of the sparse (code) cross-entropy")
     dense_weight: float = field(1.0, help="weight of the dense (cosine softmax) loss")
+    history_dense_weight: float = field(
+        0.0,
+        help="weight of an auxiliary dense loss from the position before the next item's codes (the history alone, no ID "
+        "given), through the same dense head and in-batch softmax; training only, inference unchanged. A vector told "
+        "the target's ID can lean on it, since the ID rules out most in-batch negatives; this term keeps the decoder and "
+        "the item vectors learning history -> next item as w/o ID does (not in the paper; 0 = off)",
+    )
     use_sparse: bool = field(True, help="False = ablation 'w/o ID': no code tokens, dense only")
     use_dense: bool = field(True, help="False = ablation 'w/o Dense': codes only (TIGER-like)")
     prefix_embeddings: bool = field(
@@ -105,5 +112,9 @@ class CobraConfig:
             raise ConfigError("catalogue_items must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"model.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.history_dense_weight < 0:
+            raise ConfigError("model.history_dense_weight must be >= 0")
+        if self.history_dense_weight > 0 and not (self.use_sparse and self.use_dense):
+            raise ConfigError("model.history_dense_weight is a second dense loss before the ID: it needs model.use_sparse and model.use_dense")
         if self.temperature <= 0:
             raise ConfigError("temperature must be > 0")

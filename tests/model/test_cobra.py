@@ -651,3 +651,38 @@ def test_recommender_applies_the_dense_repeat_bias(mode, normalize):
         for row in range(2):
             h = set(hist[row][hist[row] >= 0].tolist())
             assert set(items[row, : len(h)].tolist()) == h
+
+
+def test_history_dense_loss_is_added_to_the_total_and_sees_no_id_of_its_target():
+    """model.history_dense_weight: a dense term from the position before the target's codes. Its value (total with
+    the term minus total without) scales with the weight, and does not change when the target's codes change."""
+    seq = [[-1, 0, 1, 2, 3], [4, 5, 6, 7, 8]]
+
+    def extra(weight, codes_shift=0):
+        model = tiny_model()
+        tokens, mask, codes = catalogue()
+        codes = codes.clone()
+        codes[[3, 8]] = (codes[[3, 8]] + codes_shift) % K  # the last targets' codes (and only theirs)
+        b = Batch(tokens, mask, codes, torch.arange(12), torch.tensor(seq))
+        base = model(b).total
+        model.cfg.history_dense_weight = weight
+        with_term = model(b)
+        return float((with_term.total - base).detach()), with_term
+
+    one, out = extra(1.0)
+    half, _ = extra(0.5)
+    assert one > 0 and math.isclose(half, one / 2, rel_tol=1e-4)
+    assert math.isclose(extra(1.0, codes_shift=1)[0], one, rel_tol=1e-4)  # the term reads no code of its target
+    assert torch.isfinite(out.dense) and float(out.total) > float(out.sparse + out.dense)
+
+
+@pytest.mark.parametrize("flags", [{"use_sparse": False}, {"use_dense": False}, {}])
+def test_history_dense_weight_settings(flags):
+    from cobra_scale.errors import ConfigError
+
+    if not flags:
+        with pytest.raises(ConfigError, match="history_dense_weight must be >= 0"):
+            CobraConfig(history_dense_weight=-1)
+        return
+    with pytest.raises(ConfigError, match="history_dense_weight"):
+        CobraConfig(history_dense_weight=1.0, **flags)
