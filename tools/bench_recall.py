@@ -90,6 +90,7 @@ RUNS = {
     "full_dw10": ["model.item_embedding=true", "item_embedding_init=behaviour", "model.dense_weight=10"],
     # + the auxiliary dense loss from the position before the target's codes (no ID given; model.history_dense_weight)
     "full_dw3_hd": ["model.item_embedding=true", "item_embedding_init=behaviour", "model.dense_weight=3", "model.history_dense_weight=3"],
+    "full_dw10_hd": ["model.item_embedding=true", "item_embedding_init=behaviour", "model.dense_weight=10", "model.history_dense_weight=10"],
 }
 EVAL = {
     # tau/beams chosen on the validation day; psi as on Beauty
@@ -103,7 +104,7 @@ EVAL["full_items"] = EVAL["full"]
 EVAL["noid_items"] = EVAL["noid"]
 EVAL["full_idbank"] = EVAL["full"]
 EVAL["noid_idbank"] = EVAL["noid"]
-EVAL["full_dw3"] = EVAL["full_sw0"] = EVAL["full_dw10"] = EVAL["full_dw3_hd"] = EVAL["full"]
+EVAL["full_dw3"] = EVAL["full_sw0"] = EVAL["full_dw10"] = EVAL["full_dw3_hd"] = EVAL["full_dw10_hd"] = EVAL["full"]
 LABEL = {"cobra": "COBRA", "no_fusion": "w/o BeamFusion", "dense_only": "w/o ID", "sparse_only": "w/o Dense"}
 
 
