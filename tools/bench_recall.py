@@ -20,7 +20,8 @@ Stages (each skips what is already done, so a run can span sessions; logs in <ro
   an ID); ``full_items`` (COBRA with Beauty's dense path: per-item rows from co-occurrence, not in the
   paper; run it by name) and ``noid_items`` (its w/o ID); session 23's variants of ``full_items``:
   ``full_dw3`` (dense loss 3x), ``full_idbank`` / ``noid_idbank`` (``id_bank_negatives``) and the probe
-  ``full_sw0`` (no code loss). w/o BeamFusion is the full model's ``no_fusion`` mode. Each epoch is capped at ``--steps``
+  ``full_sw0`` (no code loss); session 24's ``full_dw10`` (dense loss 10x) and ``full_dw3_hd`` / ``full_dw10_hd``
+  (+ ``model.history_dense_weight``, an auxiliary dense loss before the ID). w/o BeamFusion is the full model's ``no_fusion`` mode. Each epoch is capped at ``--steps``
   steps (``steps_per_epoch``; a fresh sample of windows per epoch) and validated on ``--valid-users``.
 * ``index``: ``cobra index`` of each dense run (faiss IVF whose inverted lists are the sparse IDs).
 * ``eval``: ``cobra eval`` on the test day over a uniform sample of ``--users`` users (w/o Dense:
