@@ -38,6 +38,12 @@ from cobra_scale.train.data import load_examples  # noqa: E402
 from cobra_scale.train.trainer import load_run, make_recommender  # noqa: E402
 
 
+def _shifted(model, h: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    """``h`` with the model's ``successor_embedding`` row of each history's last item (as inference adds it)."""
+    shift = model.successor_shift(history[:, -1])
+    return h if shift is None else h + shift.to(h.dtype)
+
+
 @torch.no_grad()
 def code_cross_entropy(rec, history: torch.Tensor, targets: np.ndarray) -> list[float]:
     """Mean CE per level of the target codes given the history, teacher forced (one pass per level)."""
@@ -49,7 +55,7 @@ def code_cross_entropy(rec, history: torch.Tensor, targets: np.ndarray) -> list[
     for level in range(tcodes.shape[1]):
         if level:
             h, cache = model.step_code(cache, level - 1, tcodes[:, level - 1], pos, prefix // K if level > 1 else None)
-        out.append(float(F.cross_entropy(model.code_logits(h, level, prefix if level else None).float(), tcodes[:, level])))
+        out.append(float(F.cross_entropy(model.code_logits(_shifted(model, h, history), level, prefix if level else None).float(), tcodes[:, level])))
         prefix = prefix * K + tcodes[:, level]
     return out
 
@@ -61,13 +67,13 @@ def oracle_vectors(rec, history: torch.Tensor, targets: np.ndarray) -> torch.Ten
     codes, vectors, valid = rec._history_inputs(history)
     h, cache, pos = model.start(codes, vectors, valid)
     if not model.cfg.use_sparse:
-        return model.dense_prediction(h)
+        return model.dense_prediction(_shifted(model, h, history))
     tcodes = rec.codes[torch.from_numpy(targets)]
     prefix = torch.zeros(len(targets), dtype=torch.long)
     for level in range(tcodes.shape[1]):
         h, cache = model.step_code(cache, level, tcodes[:, level], pos, prefix if level else None)
         prefix = prefix * K + tcodes[:, level]
-    return model.dense_prediction(h)
+    return model.dense_prediction(_shifted(model, h, history))
 
 
 def in_own_id(rec, history: torch.Tensor, targets: np.ndarray, batch: int = 256) -> dict:
@@ -125,7 +131,7 @@ def main(argv=None) -> dict:
             with_dense = model.cfg.use_dense
             for s in range(0, len(first), 256):
                 codes, vectors, valid = rec._history_inputs(users.history[s : s + 256])
-                beams = beam_search(model, codes, vectors, valid, rec.masks, m, with_dense=with_dense)
+                beams = beam_search(model, codes, vectors, valid, rec.masks, m, with_dense=with_dense, last_items=users.history[s : s + 256, -1])
                 hit = beams.sids == tsid[s : s + 256, None]  # (B, M)
                 hits += int(hit.any(1).sum())
                 if with_dense:

@@ -82,6 +82,7 @@ def beam_search(
     masks: PrefixMasks,
     beams: int,
     with_dense: bool = True,
+    last_items: torch.Tensor | None = None,
 ) -> Beams:
     """M-beam search over the code levels for a batch of histories.
 
@@ -89,10 +90,15 @@ def beam_search(
         codes: (B, S, L) history codes; vectors: (B, S, d) history dense vectors;
         valid: (B, S) True for real (left-padded) history items.
         beams: M, the number of IDs returned per user.
+        last_items: (B,) catalogue index of each history's most recent item (-1 = none); needed by a
+            model with ``successor_embedding``, whose row then joins every hidden state of the next item.
     """
     L, K = masks.levels, masks.codes
     h, cache, pos = model.start(codes, vectors, valid)
     b = h.shape[0]
+    shift = model.successor_shift(last_items)  # (B, d) or None
+    if shift is not None:
+        h = h + shift.to(h.dtype)
     hist, rec = _history(model, codes, valid)
     lp = _level_logprobs(model, h, 0, torch.zeros(b, dtype=torch.long, device=h.device), masks, hist[0] if hist else None, rec)  # (B, K)
     m0 = min(beams, K)
@@ -107,6 +113,8 @@ def beam_search(
         hb, cache = model.step_code(cache, level - 1, flat_codes, pos_beam, before)
         prefix = before * K + flat_codes
         users = torch.arange(b, device=h.device).repeat_interleave(m)
+        if shift is not None:
+            hb = hb + shift[users].to(hb.dtype)
         lp = _level_logprobs(model, hb, level, prefix, masks, hist[level][users] if hist else None, rec[users] if rec is not None else None).view(b, m, K)
         total = (scores[:, :, None] + lp).view(b, m * K)  # (B, M*K)
         m_new = min(beams, m * K)
@@ -120,6 +128,8 @@ def beam_search(
     dense = None
     if with_dense and model.cfg.use_dense:
         hb, _ = model.step_code(cache, L - 1, seqs[:, :, -1].reshape(-1), pos_beam, _pack(seqs[:, :, : L - 1].reshape(b * m, L - 1), K))
+        if shift is not None:
+            hb = hb + shift.repeat_interleave(m, dim=0).to(hb.dtype)
         dense = model.dense_prediction(hb).view(b, m, -1)
     ok = torch.isfinite(scores)
     seqs = seqs.masked_fill(~ok[:, :, None], 0)
@@ -130,11 +140,15 @@ def beam_search(
 
 
 @torch.no_grad()
-def greedy_decode(model: CobraModel, codes: torch.Tensor, vectors: torch.Tensor | None, valid: torch.Tensor, masks: PrefixMasks) -> torch.Tensor:
+def greedy_decode(
+    model: CobraModel, codes: torch.Tensor, vectors: torch.Tensor | None, valid: torch.Tensor, masks: PrefixMasks,
+    last_items: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Reference decoding without the KV cache: argmax code per level, full recompute.
 
     Returns (B, L) codes. Used by the tests to hold beam search (M=1) to the spec.
     """
+    shift = model.successor_shift(last_items)
     b = valid.shape[0]
     L, K = masks.levels, masks.codes
     out = torch.zeros(b, L, dtype=torch.long, device=valid.device)
@@ -147,6 +161,8 @@ def greedy_decode(model: CobraModel, codes: torch.Tensor, vectors: torch.Tensor 
             _, cache, _ = model.start(codes, vectors, valid)
             for j in range(level):
                 h, cache = model.step_code(cache, j, out[:, j], pos, _pack(out[:, :j], K))
+        if shift is not None:
+            h = h + shift.to(h.dtype)
         lp = _level_logprobs(model, h, level, prefix, masks, hist[level] if hist else None, rec)
         out[:, level] = lp.argmax(-1)
         prefix = prefix * K + out[:, level]

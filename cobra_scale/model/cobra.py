@@ -150,6 +150,13 @@ class CobraModel(nn.Module):
         self.item_emb = nn.Embedding(cfg.catalogue_items, d) if cfg.item_embedding else None
         if self.item_emb is not None:
             nn.init.zeros_(self.item_emb.weight)
+        # successor_embedding: a free per-item row of the last history item, added to the hidden states that
+        # predict the next item (zero-initialised: the model starts as without it)
+        if cfg.successor_embedding and cfg.catalogue_items <= 0:
+            raise ConfigError("successor_embedding needs catalogue_items > 0 (the trainer sets it from the catalogue)")
+        self.succ_emb = nn.Embedding(cfg.catalogue_items, d) if cfg.successor_embedding else None
+        if self.succ_emb is not None:
+            nn.init.zeros_(self.succ_emb.weight)
         # repeat_bias: one learned logit offset per level for codes that extend the prefix of a history item's ID
         self.repeat = RepeatBias(L, cfg.repeat_positions) if cfg.repeat_bias and cfg.use_sparse else None
         # dense_repeat_bias: a learned logit offset in the dense softmax for keys that are the user's own history items
@@ -294,6 +301,19 @@ class CobraModel(nn.Module):
         rows = self.item_emb(items.clamp(0, self.item_emb.num_embeddings - 1))
         return vectors + rows * known[:, None].to(rows.dtype)
 
+    def successor_shift(self, last_items: torch.Tensor | None) -> torch.Tensor | None:
+        """``successor_embedding``: (B,) catalogue index of each row's most recent history item -> (B, d), the row to add
+        to every hidden state that predicts the row's next item (zeros for -1 and for items beyond the table, e.g. ones
+        added after training); None for a model without it."""
+        if self.succ_emb is None:
+            return None
+        if last_items is None:
+            raise ValueError("model.successor_embedding needs each history's last item (last_items)")
+        n = self.succ_emb.num_embeddings
+        known = (last_items >= 0) & (last_items < n)
+        rows = self.succ_emb(last_items.clamp(0, n - 1))
+        return rows * known[:, None].to(rows.dtype)
+
     @torch.no_grad()
     def init_item_embedding(self, rows: torch.Tensor) -> None:
         """Start the per-item rows (``item_embedding``) from ``rows`` (catalogue_items, d) instead of zeros."""
@@ -379,6 +399,9 @@ class CobraModel(nn.Module):
         target_ok = valid[:, 1:] & valid[:, :-1]  # (B, S-1)
         pred_in = pred_in[target_ok]  # (P, T, d)
         target_items = idx[:, 1:][target_ok]  # (P,) unique-index of the target
+        if self.succ_emb is not None:  # the row of the item just before each target
+            shift = self.successor_shift(batch.item_ids[idx[:, :-1][target_ok]])
+            pred_in = pred_in + self.emb_drop(shift)[:, None, :].to(pred_in.dtype)
         zero = h.new_zeros(())
         sparse, per_level = zero, []
         if cfg.use_sparse:

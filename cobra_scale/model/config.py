@@ -50,6 +50,13 @@ class CobraConfig:
         help="add a free per-item embedding (zero-initialised, one row per catalogue item) to the text encoder's vector; "
         "items added after training (cold start) keep their text vector alone. Not in the paper, where the dense vector is text only",
     )
+    successor_embedding: bool = field(
+        False,
+        help="a free per-item row of the most recent history item (zero-initialised, one row per catalogue item) added "
+        "to the hidden states that predict the next item's codes and dense vector: a first-order, item-to-item "
+        "transition term (as FPMC's), memorised per item instead of through the decoder; a last item added after "
+        "training adds nothing. Not in the paper",
+    )
     repeat_bias: bool = field(
         False,
         help="a learned bias per code level on the logit of a code whose ID prefix (codes 0..level) is that of one of the "
@@ -72,7 +79,7 @@ class CobraConfig:
         help="dense_repeat_bias: separate offsets for the most recent dense_repeat_positions - 1 history items and one for "
         "all older ones; 1 = one offset",
     )
-    catalogue_items: int = field(0, help="rows of the per-item embedding (set from the catalogue when item_embedding is on)")
+    catalogue_items: int = field(0, help="rows of the per-item embeddings (set from the catalogue when item_embedding or successor_embedding is on)")
     constrained_codes: bool = field(
         False,
         help="each level's code softmax is taken over the codes that follow the prefix in the catalogue's ID trie only, "

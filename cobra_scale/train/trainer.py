@@ -72,7 +72,7 @@ def prepare(cfg: TrainConfig) -> tuple[Catalogue, object]:
     cfg.model.levels = int(catalogue.codes.shape[1])
     cfg.model.codes = codes
     cfg.model.vocab_size = int(tokenizer.vocab_size)
-    if cfg.model.item_embedding:
+    if cfg.model.item_embedding or cfg.model.successor_embedding:
         cfg.model.catalogue_items = len(catalogue)
     return catalogue, tokenizer
 

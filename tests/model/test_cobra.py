@@ -686,3 +686,107 @@ def test_history_dense_weight_settings(flags):
         return
     with pytest.raises(ConfigError, match="history_dense_weight"):
         CobraConfig(history_dense_weight=1.0, **flags)
+
+
+def successor_model(seed: int = 1) -> CobraModel:
+    """tiny_model with model.successor_embedding, its rows random (zero-initialised in the model)."""
+    model = tiny_model(successor_embedding=True, catalogue_items=12)
+    torch.nn.init.normal_(model.succ_emb.weight, std=1.0, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def test_successor_rows_at_zero_are_the_plain_model():
+    plain = tiny_model()
+    succ = tiny_model(successor_embedding=True, catalogue_items=12)
+    missing, unexpected = succ.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["succ_emb.weight"] and not unexpected
+    assert not succ.succ_emb.weight.any()  # zero-initialised
+    b = batch([[-1, 0, 1, 2, 3], [4, 5, 6, 7, 8]])
+    torch.testing.assert_close(succ(b).total, plain(b).total)
+    tokens, mask, codes = catalogue()
+    vec = plain.encode_items(tokens, mask)
+    hist = torch.tensor([[-1, 0, 1], [2, 3, 4]])
+    masks = PrefixMasks(codes.numpy(), K)
+    args = (codes[hist.clamp(min=0)], vec[hist.clamp(min=0)], hist >= 0, masks, 6)
+    a, s = beam_search(plain, *args), beam_search(succ, *args, last_items=hist[:, -1])
+    assert torch.equal(a.sids, s.sids)
+    torch.testing.assert_close(a.scores, s.scores)
+
+
+def test_successor_rows_train_only_on_items_followed_by_a_target():
+    model = successor_model().train()
+    model(batch([[-1, 0, 1, 2, 3], [4, 5, 6, 7, 8]])).total.backward()
+    touched = model.succ_emb.weight.grad.abs().sum(1) > 0
+    assert touched.nonzero().flatten().tolist() == [0, 1, 2, 4, 5, 6, 7]  # not the last items 3, 8, nor 9..11
+
+
+def test_training_and_inference_add_the_same_successor_row():
+    """The teacher-forced code CE of a one-target sequence (a, b) equals -log P(code of b) from inference's start."""
+    model = successor_model()
+    tokens, mask, codes = catalogue()
+    a, b = 5, 9
+    with torch.no_grad():
+        out = model(batch([[a, b]]))
+        vec = model.encode_items(tokens, mask, torch.arange(12))
+        first = torch.tensor([[a]])
+        h, _, _ = model.start(codes[first], vec[first], torch.ones(1, 1, dtype=torch.bool))
+        with_row = model.code_logprobs(h + model.successor_shift(torch.tensor([a])), 0)[0, codes[b, 0]]
+        without = model.code_logprobs(h, 0)[0, codes[b, 0]]
+    assert math.isclose(out.sparse_per_level[0], -float(with_row), rel_tol=1e-5)
+    assert not math.isclose(out.sparse_per_level[0], -float(without), rel_tol=1e-3)
+
+
+def test_beam_search_with_successor_rows_m1_equals_greedy_and_reads_the_last_item():
+    model = successor_model()
+    tokens, mask, codes = catalogue()
+    vec = model.encode_items(tokens, mask, torch.arange(12))
+    masks = PrefixMasks(codes.numpy(), K)
+    hist = torch.tensor([[-1, 0, 1], [2, 3, 4], [-1, -1, -1]])
+    args = (codes[hist.clamp(min=0)], vec[hist.clamp(min=0)], hist >= 0, masks)
+    one = beam_search(model, *args, beams=1, last_items=hist[:, -1])
+    assert torch.equal(one.codes[:, 0], greedy_decode(model, *args, last_items=hist[:, -1]))
+    with pytest.raises(ValueError, match="last_items"):
+        beam_search(model, *args, beams=4)
+    # another last item changes that user's beams only; -1 and an item beyond the table add nothing
+    base = beam_search(model, *args, beams=6, last_items=hist[:, -1])
+    moved = beam_search(model, *args, beams=6, last_items=torch.tensor([1, 7, -1]))
+    assert not torch.allclose(base.scores[1], moved.scores[1])
+    torch.testing.assert_close(base.scores[[0, 2]], moved.scores[[0, 2]])
+    beyond = beam_search(model, *args, beams=6, last_items=torch.tensor([1, 4, 40]))
+    torch.testing.assert_close(beyond.scores[2], base.scores[2])
+
+
+def test_recommender_passes_each_users_last_item():
+    model = successor_model()
+    tokens, mask, codes = catalogue()
+    rec = Recommender(model, codes, model.encode_items(tokens, mask, torch.arange(12)).detach())
+    hist = torch.tensor([[-1, 0, 1], [2, 3, 4]])
+    settings = [InferenceParams(mode="cobra", beams=6), InferenceParams(mode="no_fusion", beams=6)]
+    many = rec.recommend_many(hist, 5, settings)
+    for p, (items, scores) in zip(settings, many):
+        one_items, one_scores = rec.recommend(hist, 5, p)
+        assert torch.equal(items, one_items)
+        torch.testing.assert_close(scores, one_scores)
+    before = rec.recommend(hist, 5, settings[0])[1]
+    with torch.no_grad():
+        model.succ_emb.weight[4] += 3.0  # user 1's last item
+    after = rec.recommend(hist, 5, settings[0])[1]
+    torch.testing.assert_close(after[0], before[0])
+    assert not torch.allclose(after[1], before[1])
+
+
+def test_successor_embedding_without_a_dense_path_and_config_checks():
+    from cobra_scale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="successor_embedding needs catalogue_items"):
+        tiny_model(successor_embedding=True)
+    noid = tiny_model(successor_embedding=True, catalogue_items=12, use_sparse=False)
+    torch.nn.init.normal_(noid.succ_emb.weight, generator=torch.Generator().manual_seed(0))
+    tokens, mask, codes = catalogue()
+    rec = Recommender(noid, codes, noid.encode_items(tokens, mask, torch.arange(12)).detach())
+    hist = torch.tensor([[-1, 0, 1], [2, 3, 4]])
+    items, _ = rec.recommend(hist, 5, InferenceParams(mode="dense_only"))
+    h, _, _ = noid.start(None, noid.encode_items(tokens, mask, torch.arange(12))[hist.clamp(min=0)], hist >= 0)
+    q = noid.dense_prediction(h + noid.successor_shift(hist[:, -1]))
+    want, _ = rec._search(q, 5, None, hist)
+    assert torch.equal(items, want)
