@@ -38,12 +38,6 @@ from cobra_scale.train.data import load_examples  # noqa: E402
 from cobra_scale.train.trainer import load_run, make_recommender  # noqa: E402
 
 
-def _shifted(model, h: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-    """``h`` with the model's ``successor_embedding`` row of each history's last item (as inference adds it)."""
-    shift = model.successor_shift(history[:, -1])
-    return h if shift is None else h + shift.to(h.dtype)
-
-
 @torch.no_grad()
 def code_cross_entropy(rec, history: torch.Tensor, targets: np.ndarray) -> list[float]:
     """Mean CE per level of the target codes given the history, teacher forced (one pass per level)."""
@@ -55,7 +49,7 @@ def code_cross_entropy(rec, history: torch.Tensor, targets: np.ndarray) -> list[
     for level in range(tcodes.shape[1]):
         if level:
             h, cache = model.step_code(cache, level - 1, tcodes[:, level - 1], pos, prefix // K if level > 1 else None)
-        out.append(float(F.cross_entropy(model.code_logits(_shifted(model, h, history), level, prefix if level else None).float(), tcodes[:, level])))
+        out.append(float(F.cross_entropy(model.code_logits(model.with_successor(h, history[:, -1]), level, prefix if level else None).float(), tcodes[:, level])))
         prefix = prefix * K + tcodes[:, level]
     return out
 
@@ -67,13 +61,13 @@ def oracle_vectors(rec, history: torch.Tensor, targets: np.ndarray) -> torch.Ten
     codes, vectors, valid = rec._history_inputs(history)
     h, cache, pos = model.start(codes, vectors, valid)
     if not model.cfg.use_sparse:
-        return model.dense_prediction(_shifted(model, h, history))
+        return model.dense_prediction(model.with_successor(h, history[:, -1]))
     tcodes = rec.codes[torch.from_numpy(targets)]
     prefix = torch.zeros(len(targets), dtype=torch.long)
     for level in range(tcodes.shape[1]):
         h, cache = model.step_code(cache, level, tcodes[:, level], pos, prefix if level else None)
         prefix = prefix * K + tcodes[:, level]
-    return model.dense_prediction(_shifted(model, h, history))
+    return model.dense_prediction(model.with_successor(h, history[:, -1]))
 
 
 def in_own_id(rec, history: torch.Tensor, targets: np.ndarray, batch: int = 256) -> dict:

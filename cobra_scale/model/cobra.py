@@ -314,6 +314,12 @@ class CobraModel(nn.Module):
         rows = self.succ_emb(last_items.clamp(0, n - 1))
         return rows * known[:, None].to(rows.dtype)
 
+    def with_successor(self, h: torch.Tensor, last_items: torch.Tensor | None) -> torch.Tensor:
+        """Hidden states ``h`` (B, d) that predict each row's next item, plus :meth:`successor_shift` of its last item
+        (``h`` itself for a model without ``successor_embedding``)."""
+        shift = self.successor_shift(last_items)
+        return h if shift is None else h + shift.to(h.dtype)
+
     @torch.no_grad()
     def init_item_embedding(self, rows: torch.Tensor) -> None:
         """Start the per-item rows (``item_embedding``) from ``rows`` (catalogue_items, d) instead of zeros."""
