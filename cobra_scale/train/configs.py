@@ -102,6 +102,11 @@ class TrainConfig:
         "also the code heads' per-ID scores); embeddings get none otherwise. Against the code predictions over-fitting "
         "(not in the paper); 0 = off",
     )
+    successor_weight_decay: float = field(
+        0.0,
+        help="AdamW weight decay on the successor rows alone (model.succ_emb, with model.successor_embedding): a shrinkage "
+        "of the per-item transition term toward none, against its over-fitting (not in the paper); 0 = off",
+    )
     warmup_steps: int = field(200, help="linear warm-up steps, then cosine decay to 10%")
     grad_clip: float = field(1.0, help="max gradient norm (0 = off)")
     seed: int = field(0, help="random seed")
@@ -174,8 +179,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.launcher not in ("local", "ray"):
             raise ConfigError("launcher must be local or ray")
-        if self.weight_decay < 0 or self.id_weight_decay < 0:
-            raise ConfigError("weight_decay and id_weight_decay must be >= 0")
+        if self.weight_decay < 0 or self.id_weight_decay < 0 or self.successor_weight_decay < 0:
+            raise ConfigError("weight_decay, id_weight_decay and successor_weight_decay must be >= 0")
+        if self.successor_weight_decay > 0 and not self.model.successor_embedding:
+            raise ConfigError("successor_weight_decay needs model.successor_embedding=true (there are no successor rows to decay)")
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")

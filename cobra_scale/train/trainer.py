@@ -173,37 +173,70 @@ def is_id_row(name: str) -> bool:
     return name.startswith(("code_emb.", "prefix_emb."))
 
 
-def optimizer_groups(model: CobraModel, id_rows: bool = False) -> tuple[list[str], ...]:
+def is_successor_row(name: str) -> bool:
+    """The per-item successor rows (``model.successor_embedding``)."""
+    return name.startswith("succ_emb.")
+
+
+# Optimiser groups by label, in order; the labels are stored in the param groups so that a resume can tell them apart.
+GROUP_LABELS = ("decay", "no_decay", "id_rows", "successor_rows")
+
+
+def optimizer_groups(model: CobraModel, id_rows: bool = False, successor_rows: bool = False) -> tuple[list[str], ...]:
     """Parameter names with and without weight decay (decay on matrices only, not on embeddings, norms, biases,
     nor the repeat offsets, which are logit biases even when stored as a (levels, positions) table).
 
-    ``id_rows``: a third group, the sparse-ID rows (:func:`is_id_row`), taken out of the second, for
-    ``id_weight_decay``.
+    ``id_rows``: a further group, the sparse-ID rows (:func:`is_id_row`), taken out of the second, for
+    ``id_weight_decay``; ``successor_rows``: another, the successor rows (:func:`is_successor_row`), for
+    ``successor_weight_decay``. Groups come in :data:`GROUP_LABELS` order.
     """
 
     def decays(name: str, p) -> bool:
         return p.ndim >= 2 and "emb" not in name and not name.endswith("repeat.logit")
 
+    def own_group(name: str) -> bool:
+        return (id_rows and is_id_row(name)) or (successor_rows and is_successor_row(name))
+
+    names = [n for n, _ in model.named_parameters()]
     decay = [n for n, p in model.named_parameters() if decays(n, p)]
-    no_decay = [n for n, p in model.named_parameters() if not decays(n, p) and not (id_rows and is_id_row(n))]
-    if not id_rows:
-        return decay, no_decay
-    return decay, no_decay, [n for n, _ in model.named_parameters() if is_id_row(n)]
+    no_decay = [n for n, p in model.named_parameters() if not decays(n, p) and not own_group(n)]
+    groups = [decay, no_decay]
+    if id_rows:
+        groups.append([n for n in names if is_id_row(n)])
+    if successor_rows:
+        groups.append([n for n in names if is_successor_row(n)])
+    return tuple(groups)
+
+
+def _labels(id_rows: bool, successor_rows: bool) -> list[str]:
+    return [g for g in GROUP_LABELS if g in ("decay", "no_decay") or (g == "id_rows" and id_rows) or (g == "successor_rows" and successor_rows)]
 
 
 def make_optimizer(model: CobraModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on embeddings, norms, biases); with
-    ``id_weight_decay`` > 0 a third group decays the sparse-ID rows."""
+    """AdamW with weight decay on matrices only (not on embeddings, norms, biases); with ``id_weight_decay`` > 0 a
+    further group decays the sparse-ID rows, with ``successor_weight_decay`` > 0 another the successor rows."""
     params = dict(model.named_parameters())
-    groups = optimizer_groups(model, id_rows=cfg.id_weight_decay > 0)
-    decays = (cfg.weight_decay, 0.0, cfg.id_weight_decay)
+    id_rows = cfg.id_weight_decay > 0
+    successor_rows = cfg.successor_weight_decay > 0 and any(is_successor_row(n) for n in params)
+    groups = optimizer_groups(model, id_rows=id_rows, successor_rows=successor_rows)
+    decays = {"decay": cfg.weight_decay, "no_decay": 0.0, "id_rows": cfg.id_weight_decay, "successor_rows": cfg.successor_weight_decay}
     return torch.optim.AdamW(
-        [{"params": [params[n] for n in names], "weight_decay": wd} for names, wd in zip(groups, decays)], lr=cfg.lr
+        [{"params": [params[n] for n in names], "weight_decay": decays[label], "group": label}
+         for names, label in zip(groups, _labels(id_rows, successor_rows))],
+        lr=cfg.lr,
     )
 
 
+def _saved_labels(param_groups: list[dict]) -> list[str]:
+    """The labels of saved param groups; checkpoints before the labels (session 26) had decay, no_decay[, id_rows]."""
+    if all("group" in g for g in param_groups):
+        return [g["group"] for g in param_groups]
+    return list(GROUP_LABELS[: len(param_groups)])
+
+
 def _groups_of(model: CobraModel, optimizer) -> tuple[list[str], ...]:
-    return optimizer_groups(model, id_rows=len(optimizer.param_groups) == 3)
+    labels = _saved_labels(optimizer.param_groups)
+    return optimizer_groups(model, id_rows="id_rows" in labels, successor_rows="successor_rows" in labels)
 
 
 def optimizer_checkpoint(model: CobraModel, optimizer, scheduler) -> dict:
@@ -231,17 +264,22 @@ def load_optimizer_checkpoint(model: CobraModel, optimizer, scheduler, saved: di
     if sorted(names) != sorted(current):
         raise CobraError("the checkpoint's optimiser state belongs to a different model (parameters differ); start a new run folder or resume=false")
     state = saved["optimizer"]
-    if len(state["param_groups"]) != len(groups_now):
+    was, now = _saved_labels(state["param_groups"]), _saved_labels(optimizer.param_groups)
+    if was != now:
+        def onoff(labels, label):
+            return "on" if label in labels else "off"
+
         raise CobraError(
-            "the checkpoint's optimiser was built with id_weight_decay "
-            + ("on" if len(state["param_groups"]) == 3 else "off")
-            + "; resume with the same setting, or start a new run folder / resume=false"
+            f"the checkpoint's optimiser was built with id_weight_decay {onoff(was, 'id_rows')} and successor_weight_decay "
+            f"{onoff(was, 'successor_rows')} (now {onoff(now, 'id_rows')} and {onoff(now, 'successor_rows')}); resume with "
+            "the same settings, or start a new run folder / resume=false"
         )
     new_index = {n: i for i, n in enumerate(current)}
     remap = {old: new_index[n] for old, n in enumerate(names)}
     groups = [dict(g) for g in state["param_groups"]]
     start = 0
-    for g, names_now in zip(groups, groups_now):
+    for g, names_now, label in zip(groups, groups_now, now):
+        g["group"] = label
         g["params"] = list(range(start, start + len(names_now)))
         start += len(names_now)
     optimizer.load_state_dict({"state": {remap[int(k)]: v for k, v in state["state"].items()}, "param_groups": groups})

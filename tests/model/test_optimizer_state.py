@@ -115,3 +115,66 @@ def test_negative_weight_decay_is_a_config_error():
 
     with pytest.raises(ConfigError, match="id_weight_decay"):
         load_config(TrainConfig, dotlist=["data=x", "ids=y", "out=z", "id_weight_decay=-1"])
+
+
+def with_successor_decay(wd=0.3, id_wd=0.0):
+    torch.manual_seed(0)
+    cfg = load_config(TrainConfig, dotlist=["data=x", "ids=y", "out=z", "warmup_steps=2", "model.successor_embedding=true",
+                                            f"successor_weight_decay={wd}", f"id_weight_decay={id_wd}"])
+    mcfg = CobraConfig(levels=2, codes=4, d_model=16, decoder_layers=1, decoder_heads=2, encoder_layers=1, encoder_heads=2,
+                       encoder_dim=16, text_tokens=6, vocab_size=50, max_items=5, prefix_rows=16, successor_embedding=True,
+                       catalogue_items=12)
+    model = CobraModel(mcfg)
+    opt = make_optimizer(model, cfg)
+    return model, opt, make_scheduler(opt, cfg, 10), cfg
+
+
+def decay_alone(model, opt):
+    """Parameters after one AdamW step with zero gradients (so each moves by its decay alone), from all ones."""
+    for p in model.parameters():
+        p.data.fill_(1.0)
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    return dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("id_wd", [0.0, 0.5])
+def test_successor_weight_decay_decays_the_successor_rows_only(id_wd):
+    model, opt, _, _ = with_successor_decay(0.3, id_wd)
+    labels = [g["group"] for g in opt.param_groups]
+    assert labels == ["decay", "no_decay"] + (["id_rows"] if id_wd else []) + ["successor_rows"]
+    lr = opt.param_groups[-1]["lr"]
+    for n, p in decay_alone(model, opt).items():
+        if n.startswith("succ_emb."):
+            assert torch.allclose(p, torch.full_like(p, 1 - lr * 0.3)), n
+        elif n.startswith(("code_emb.", "prefix_emb.")):
+            assert torch.allclose(p, torch.full_like(p, 1 - lr * id_wd)), n
+        elif "emb" in n:  # item, type, position and token embeddings keep no decay
+            assert torch.equal(p, torch.ones_like(p)), n
+
+
+def test_round_trip_with_successor_decay_and_a_changed_setting_is_refused():
+    saved, _, opt2, _ = round_trip(lambda: with_successor_decay(0.3, 0.5))
+    assert [g["weight_decay"] for g in opt2.param_groups][2:] == [0.5, 0.3]
+    without = lambda: with_successor_decay(0.0, 0.5)  # noqa: E731 - the same model, the rows back in the no-decay group
+    with pytest.raises(CobraError, match="successor_weight_decay on .*now on and off"):
+        load_optimizer_checkpoint(*without()[:3], saved)
+
+
+def test_checkpoint_without_group_labels_loads():
+    """Checkpoints before the labels (session 26) are read by their group count: decay, no_decay[, id_rows]."""
+    saved, _, _, _ = round_trip(lambda: with_id_decay(0.5))
+    for g in saved["optimizer"]["param_groups"]:
+        del g["group"]
+    model2, opt2, sched2, _ = with_id_decay(0.5)
+    load_optimizer_checkpoint(model2, opt2, sched2, saved)
+    assert [g["group"] for g in opt2.param_groups] == ["decay", "no_decay", "id_rows"]
+
+
+def test_successor_weight_decay_without_the_rows_is_a_config_error():
+    from cobra_scale.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="successor_embedding"):
+        load_config(TrainConfig, dotlist=["data=x", "ids=y", "out=z", "successor_weight_decay=0.1"])
+    with pytest.raises(ConfigError, match="successor_weight_decay"):
+        load_config(TrainConfig, dotlist=["data=x", "ids=y", "out=z", "model.successor_embedding=true", "successor_weight_decay=-1"])

@@ -295,3 +295,18 @@ def test_inference_max_per_id_reaches_validation_and_eval(data, tmp_path):
     assert cfg.inference.max_per_id == 1 and rec.index.max_per_id == 1
     with pytest.raises(ConfigError, match="max_per_id"):
         config(data, tmp_path / "bad", "inference.max_per_id=-1")
+
+
+def test_successor_rows_with_decay_train_and_resume(data, tmp_path):
+    """successor_weight_decay puts the successor rows in their own decayed group; the run reloads and resumes with it,
+    and a resume with the setting changed is refused with a message, not a traceback deep in torch."""
+    from cobra_scale.errors import CobraError
+
+    out = tmp_path / "succ_wd"
+    extra = ["model.successor_embedding=true", "successor_weight_decay=0.5", "id_weight_decay=0.5"]
+    run(config(data, out, "epochs=1", *extra))
+    model, _, cfg, _ = load_run(out)
+    assert cfg.successor_weight_decay == 0.5 and model.succ_emb.weight.abs().sum() > 0  # trained away from zero
+    assert run(config(data, out, "epochs=2", *extra))["epochs"] == 2
+    with pytest.raises(CobraError, match="successor_weight_decay on"):
+        run(config(data, out, "epochs=3", *extra[:1], "id_weight_decay=0.5"))
