@@ -209,7 +209,8 @@ def optimizer_groups(model: CobraModel, id_rows: bool = False, successor_rows: b
 
 
 def _labels(id_rows: bool, successor_rows: bool) -> list[str]:
-    return [g for g in GROUP_LABELS if g in ("decay", "no_decay") or (g == "id_rows" and id_rows) or (g == "successor_rows" and successor_rows)]
+    """The labels of :func:`optimizer_groups`' groups, in its order."""
+    return ["decay", "no_decay"] + ["id_rows"] * id_rows + ["successor_rows"] * successor_rows
 
 
 def make_optimizer(model: CobraModel, cfg: TrainConfig) -> torch.optim.AdamW:
