@@ -61,7 +61,7 @@ def repeat_stats(rec, history: torch.Tensor, targets: np.ndarray, params: Infere
         sums["history_in_top10"] += float(in_hist.sum())
         sums["hit@10"] += float((items == t[:, None]).any(1).sum())
         codes, vectors, valid = rec._history_inputs(h)
-        beams = beam_search(rec.model, codes, vectors, valid, rec.masks, params.beams, with_dense=False, last_items=h[:, -1])
+        beams = beam_search(rec.model, codes, vectors, valid, rec.masks, params.beams, with_dense=False, last_items=h)
         hist_sids = rec.sids[h.clamp(min=0)].masked_fill(h < 0, -1)
         sums["top_beam_is_history_id"] += float((beams.sids[:, :1] == hist_sids).any(-1).sum())
         sums["target_id_is_history_id"] += float((rec.sids[t][:, None] == hist_sids).any(-1).sum())

@@ -49,7 +49,7 @@ def code_cross_entropy(rec, history: torch.Tensor, targets: np.ndarray) -> list[
     for level in range(tcodes.shape[1]):
         if level:
             h, cache = model.step_code(cache, level - 1, tcodes[:, level - 1], pos, prefix // K if level > 1 else None)
-        out.append(float(F.cross_entropy(model.code_logits(model.with_successor(h, history[:, -1]), level, prefix if level else None).float(), tcodes[:, level])))
+        out.append(float(F.cross_entropy(model.code_logits(model.with_successor(h, history), level, prefix if level else None).float(), tcodes[:, level])))
         prefix = prefix * K + tcodes[:, level]
     return out
 
@@ -61,13 +61,13 @@ def oracle_vectors(rec, history: torch.Tensor, targets: np.ndarray) -> torch.Ten
     codes, vectors, valid = rec._history_inputs(history)
     h, cache, pos = model.start(codes, vectors, valid)
     if not model.cfg.use_sparse:
-        return model.dense_prediction(model.with_successor(h, history[:, -1]))
+        return model.dense_prediction(model.with_successor(h, history))
     tcodes = rec.codes[torch.from_numpy(targets)]
     prefix = torch.zeros(len(targets), dtype=torch.long)
     for level in range(tcodes.shape[1]):
         h, cache = model.step_code(cache, level, tcodes[:, level], pos, prefix if level else None)
         prefix = prefix * K + tcodes[:, level]
-    return model.dense_prediction(model.with_successor(h, history[:, -1]))
+    return model.dense_prediction(model.with_successor(h, history))
 
 
 def in_own_id(rec, history: torch.Tensor, targets: np.ndarray, batch: int = 256) -> dict:
@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
             with_dense = model.cfg.use_dense
             for s in range(0, len(first), 256):
                 codes, vectors, valid = rec._history_inputs(users.history[s : s + 256])
-                beams = beam_search(model, codes, vectors, valid, rec.masks, m, with_dense=with_dense, last_items=users.history[s : s + 256, -1])
+                beams = beam_search(model, codes, vectors, valid, rec.masks, m, with_dense=with_dense, last_items=users.history[s : s + 256])
                 hit = beams.sids == tsid[s : s + 256, None]  # (B, M)
                 hits += int(hit.any(1).sum())
                 if with_dense:

@@ -90,8 +90,9 @@ def beam_search(
         codes: (B, S, L) history codes; vectors: (B, S, d) history dense vectors;
         valid: (B, S) True for real (left-padded) history items.
         beams: M, the number of IDs returned per user.
-        last_items: (B,) catalogue index of each history's most recent item (-1 = none); needed by a
-            model with ``successor_embedding``, whose row then joins every hidden state of the next item.
+        last_items: (B,) catalogue index of each history's most recent item (-1 = none), or (B, n) the histories
+            themselves (left-padded, most recent last); needed by a model with ``successor_embedding``, whose rows of
+            the last ``successor_context`` items then join every hidden state of the next item.
     """
     L, K = masks.levels, masks.codes
     h, cache, pos = model.start(codes, vectors, valid)

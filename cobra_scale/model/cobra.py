@@ -157,6 +157,12 @@ class CobraModel(nn.Module):
         self.succ_emb = nn.Embedding(cfg.catalogue_items, d) if cfg.successor_embedding else None
         if self.succ_emb is not None:
             nn.init.zeros_(self.succ_emb.weight)
+        # successor_context > 1: a learned weight per recency (most recent first) on the rows of the last few items
+        self.succ_mix = (
+            nn.Parameter(0.3 ** torch.arange(cfg.successor_context, dtype=torch.float32))
+            if cfg.successor_embedding and cfg.successor_context > 1
+            else None
+        )
         # repeat_bias: one learned logit offset per level for codes that extend the prefix of a history item's ID
         self.repeat = RepeatBias(L, cfg.repeat_positions) if cfg.repeat_bias and cfg.use_sparse else None
         # dense_repeat_bias: a learned logit offset in the dense softmax for keys that are the user's own history items
@@ -302,17 +308,27 @@ class CobraModel(nn.Module):
         return vectors + rows * known[:, None].to(rows.dtype)
 
     def successor_shift(self, last_items: torch.Tensor | None) -> torch.Tensor | None:
-        """``successor_embedding``: (B,) catalogue index of each row's most recent history item -> (B, d), the row to add
-        to every hidden state that predicts the row's next item (zeros for -1 and for items beyond the table, e.g. ones
-        added after training); None for a model without it."""
+        """``successor_embedding``: each row's most recent history items -> (B, d), the row to add to every hidden state
+        that predicts the row's next item; None for a model without it.
+
+        ``last_items`` is (B,), the catalogue index of each row's last history item, or (B, n), its history (left-padded,
+        most recent last), of which the last ``successor_context`` columns are read and their rows weighted by recency.
+        -1 and items beyond the table (e.g. ones added after training) add nothing."""
         if self.succ_emb is None:
             return None
         if last_items is None:
             raise ValueError("model.successor_embedding needs each history's last item (last_items)")
+        k = self.cfg.successor_context
+        items = last_items[:, None] if last_items.dim() == 1 else last_items
+        if items.shape[1] < k:
+            items = F.pad(items, (k - items.shape[1], 0), value=-1)
+        items = items[:, -k:].flip(1)  # (B, k), most recent first
         n = self.succ_emb.num_embeddings
-        known = (last_items >= 0) & (last_items < n)
-        rows = self.succ_emb(last_items.clamp(0, n - 1))
-        return rows * known[:, None].to(rows.dtype)
+        known = (items >= 0) & (items < n)
+        rows = self.succ_emb(items.clamp(0, n - 1)) * known[..., None].to(self.succ_emb.weight.dtype)  # (B, k, d)
+        if self.succ_mix is None:
+            return rows[:, 0]
+        return (rows * self.succ_mix[None, :, None].to(rows.dtype)).sum(1)
 
     def with_successor(self, h: torch.Tensor, last_items: torch.Tensor | None) -> torch.Tensor:
         """Hidden states ``h`` (B, d) that predict each row's next item, plus :meth:`successor_shift` of its last item
@@ -406,7 +422,11 @@ class CobraModel(nn.Module):
         pred_in = pred_in[target_ok]  # (P, T, d)
         target_items = idx[:, 1:][target_ok]  # (P,) unique-index of the target
         if self.succ_emb is not None:  # the row of the item just before each target
-            shift = self.successor_shift(batch.item_ids[idx[:, :-1][target_ok]])
+            k = cfg.successor_context
+            ids = torch.where(valid, batch.item_ids[idx], -1)  # (B, S) catalogue index, -1 = padding
+            # for the target at position t: the items at t-k .. t-1 (oldest first), -1 before the row's start
+            before = torch.stack([F.pad(ids, (j, 0), value=-1)[:, 1:s] for j in range(k, 0, -1)], -1)
+            shift = self.successor_shift(before[target_ok])
             pred_in = pred_in + self.emb_drop(shift)[:, None, :].to(pred_in.dtype)
         zero = h.new_zeros(())
         sparse, per_level = zero, []

@@ -57,6 +57,12 @@ class CobraConfig:
         "transition term (as FPMC's), memorised per item instead of through the decoder; a last item added after "
         "training adds nothing. Not in the paper",
     )
+    successor_context: int = field(
+        1,
+        help="successor_embedding: the rows of the last successor_context history items join the next item's hidden "
+        "states, each times a learned per-recency weight (starting at 1, 0.3, 0.09, ... from the most recent): the "
+        "learned counterpart of an item-to-item count voted by the last few items; 1 = the last item's row alone",
+    )
     repeat_bias: bool = field(
         False,
         help="a learned bias per code level on the logit of a code whose ID prefix (codes 0..level) is that of one of the "
@@ -105,6 +111,10 @@ class CobraConfig:
             raise ConfigError("text_pooling must be cls or mean")
         if self.repeat_bias and not self.use_sparse:
             raise ConfigError("model.repeat_bias acts on the sparse IDs: it needs model.use_sparse=true")
+        if self.successor_context < 1:
+            raise ConfigError("model.successor_context must be >= 1")
+        if self.successor_context > 1 and not self.successor_embedding:
+            raise ConfigError("model.successor_context > 1 needs model.successor_embedding=true")
         if self.repeat_positions < 1:
             raise ConfigError("model.repeat_positions must be >= 1")
         if self.repeat_positions > 1 and not self.repeat_bias:

@@ -112,9 +112,9 @@ class Recommender:
         exclude = history if params.exclude_history else None
         if mode == "dense_only":
             h, _, _ = self.model.start(codes, vectors, valid)
-            return self._search(self.model.dense_prediction(self.model.with_successor(h, history[:, -1])), k, exclude, history)
+            return self._search(self.model.dense_prediction(self.model.with_successor(h, history)), k, exclude, history)
         beams = beam_search(
-            self.model, codes, vectors, valid, self.masks, params.beams if mode != "no_fusion" else 1, with_dense=mode != "sparse_only", last_items=history[:, -1]
+            self.model, codes, vectors, valid, self.masks, params.beams if mode != "no_fusion" else 1, with_dense=mode != "sparse_only", last_items=history
         )
         b, m = beams.scores.shape
         if mode == "no_fusion":
@@ -229,7 +229,7 @@ class Recommender:
                 out[i] = self.recommend(history, k, p)
         codes, vectors, valid = self._history_inputs(history) if shared else (None, None, None)
         for (mode, beams_m), members in shared.items():
-            beams = beam_search(self.model, codes, vectors, valid, self.masks, beams_m, with_dense=mode == "cobra", last_items=history[:, -1])
+            beams = beam_search(self.model, codes, vectors, valid, self.masks, beams_m, with_dense=mode == "cobra", last_items=history)
             if mode == "sparse_only":
                 for i in members:
                     out[i] = self._sparse_ranking(beams, k, history if settings[i].exclude_history else None)

@@ -790,3 +790,78 @@ def test_successor_embedding_without_a_dense_path_and_config_checks():
     q = noid.dense_prediction(h + noid.successor_shift(hist[:, -1]))
     want, _ = rec._search(q, 5, None, hist)
     assert torch.equal(items, want)
+
+
+def context_model(k: int = 3) -> CobraModel:
+    """successor_model with model.successor_context=k, its recency weights away from their start."""
+    model = tiny_model(successor_embedding=True, successor_context=k, catalogue_items=12)
+    torch.nn.init.normal_(model.succ_emb.weight, std=1.0, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.succ_mix.copy_(torch.tensor([1.0, 0.5, -0.7])[:k])
+    return model
+
+
+def test_successor_context_training_adds_the_rows_inference_adds():
+    """Teacher-forced code CE over the targets of (a, b, c, d) equals the mean of -log P(code) from inference's start
+    on each prefix, whose shift weighs the rows of the last three items."""
+    model = context_model(3)
+    tokens, mask, codes = catalogue()
+    seq = [5, 9, 2, 7]
+    with torch.no_grad():
+        out = model(batch([[-1] + seq]))
+        vec = model.encode_items(tokens, mask, torch.arange(12))
+        nll, nll_last_only = [], []
+        for t in range(1, len(seq)):
+            prefix = torch.tensor([seq[:t]])
+            h, _, _ = model.start(codes[prefix], vec[prefix], torch.ones_like(prefix, dtype=torch.bool))
+            nll.append(-float(model.code_logprobs(h + model.successor_shift(prefix), 0)[0, codes[seq[t], 0]]))
+            nll_last_only.append(-float(model.code_logprobs(h + model.succ_emb.weight[seq[t - 1]], 0)[0, codes[seq[t], 0]]))
+    assert math.isclose(out.sparse_per_level[0], sum(nll) / len(nll), rel_tol=1e-5)
+    assert not math.isclose(out.sparse_per_level[0], sum(nll_last_only) / len(nll_last_only), rel_tol=1e-3)
+
+
+def test_successor_context_weights_rows_by_recency_and_pads_short_histories():
+    model = context_model(3)
+    rows, w = model.succ_emb.weight, model.succ_mix
+    hist = torch.tensor([[0, 1, 2, 3], [-1, -1, 4, 5], [-1, -1, -1, 6], [-1, -1, -1, -1]])
+    want = torch.stack([w[0] * rows[3] + w[1] * rows[2] + w[2] * rows[1], w[0] * rows[5] + w[1] * rows[4], w[0] * rows[6], torch.zeros_like(rows[0])])
+    torch.testing.assert_close(model.successor_shift(hist), want)
+    torch.testing.assert_close(model.successor_shift(hist[:, -1]), w[0] * torch.stack([rows[3], rows[5], rows[6], torch.zeros_like(rows[0])]))
+    torch.testing.assert_close(model.successor_shift(torch.tensor([[2, 40]])), w[1] * rows[2][None])  # beyond the table: nothing
+    # with the older weights at zero it is the one-item model
+    one = tiny_model(successor_embedding=True, catalogue_items=12)
+    one.load_state_dict({k: v for k, v in model.state_dict().items() if k != "succ_mix"})
+    with torch.no_grad():
+        model.succ_mix.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(model.successor_shift(hist), one.successor_shift(hist[:, -1]))
+    torch.testing.assert_close(model(batch([[-1, 0, 1, 2, 3], [4, 5, 6, 7, 8]])).total, one(batch([[-1, 0, 1, 2, 3], [4, 5, 6, 7, 8]])).total)
+
+
+def test_successor_context_weights_are_learned_and_checked():
+    from cobra_scale.errors import ConfigError
+
+    model = context_model(3).train()
+    model(batch([[-1, 0, 1, 2, 3], [4, 5, 6, 7, 8]])).total.backward()
+    assert model.succ_mix.grad is not None and bool((model.succ_mix.grad != 0).all())
+    assert tiny_model(successor_embedding=True, catalogue_items=12).succ_mix is None  # context 1: no extra parameter
+    with pytest.raises(ConfigError, match="successor_context must be >= 1"):
+        tiny_model(successor_embedding=True, successor_context=0, catalogue_items=12)
+    with pytest.raises(ConfigError, match="needs model.successor_embedding"):
+        tiny_model(successor_context=3)
+
+
+def test_recommender_reads_the_last_items_of_each_history_with_successor_context():
+    model = context_model(3)
+    tokens, mask, codes = catalogue()
+    rec = Recommender(model, codes, model.encode_items(tokens, mask, torch.arange(12)).detach())
+    hist = torch.tensor([[-1, 0, 1, 2], [3, 4, 5, 6]])
+    p = InferenceParams(mode="cobra", beams=6)
+    before = rec.recommend(hist, 5, p)[1]
+    with torch.no_grad():
+        model.succ_emb.weight[4] += 3.0  # user 1's third-last item (user 0 does not have it)
+    after = rec.recommend(hist, 5, p)[1]
+    torch.testing.assert_close(after[0], before[0])
+    assert not torch.allclose(after[1], before[1])
+    vec = model.encode_items(tokens, mask, torch.arange(12)).detach()
+    args = (codes[hist.clamp(min=0)], vec[hist.clamp(min=0)], hist >= 0, PrefixMasks(codes.numpy(), K))
+    assert torch.equal(beam_search(model, *args, beams=1, last_items=hist).codes[:, 0], greedy_decode(model, *args, last_items=hist))
