@@ -421,7 +421,7 @@ class CobraModel(nn.Module):
         target_ok = valid[:, 1:] & valid[:, :-1]  # (B, S-1)
         pred_in = pred_in[target_ok]  # (P, T, d)
         target_items = idx[:, 1:][target_ok]  # (P,) unique-index of the target
-        if self.succ_emb is not None:  # the row of the item just before each target
+        if self.succ_emb is not None:  # the rows of the successor_context items just before each target
             k = cfg.successor_context
             ids = torch.where(valid, batch.item_ids[idx], -1)  # (B, S) catalogue index, -1 = padding
             # for the target at position t: the items at t-k .. t-1 (oldest first), -1 before the row's start
