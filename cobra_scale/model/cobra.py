@@ -331,7 +331,7 @@ class CobraModel(nn.Module):
         return (rows * self.succ_mix[None, :, None].to(rows.dtype)).sum(1)
 
     def with_successor(self, h: torch.Tensor, last_items: torch.Tensor | None) -> torch.Tensor:
-        """Hidden states ``h`` (B, d) that predict each row's next item, plus :meth:`successor_shift` of its last item
+        """Hidden states ``h`` (B, d) that predict each row's next item, plus :meth:`successor_shift` of its last items
         (``h`` itself for a model without ``successor_embedding``)."""
         shift = self.successor_shift(last_items)
         return h if shift is None else h + shift.to(h.dtype)
