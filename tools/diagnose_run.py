@@ -61,13 +61,13 @@ def oracle_vectors(rec, history: torch.Tensor, targets: np.ndarray) -> torch.Ten
     codes, vectors, valid = rec._history_inputs(history)
     h, cache, pos = model.start(codes, vectors, valid)
     if not model.cfg.use_sparse:
-        return model.dense_prediction(model.with_successor(h, history))
+        return model.dense_prediction(model.with_successor(h, history, dense=True))
     tcodes = rec.codes[torch.from_numpy(targets)]
     prefix = torch.zeros(len(targets), dtype=torch.long)
     for level in range(tcodes.shape[1]):
         h, cache = model.step_code(cache, level, tcodes[:, level], pos, prefix if level else None)
         prefix = prefix * K + tcodes[:, level]
-    return model.dense_prediction(model.with_successor(h, history))
+    return model.dense_prediction(model.with_successor(h, history, dense=True))
 
 
 def in_own_id(rec, history: torch.Tensor, targets: np.ndarray, batch: int = 256) -> dict:

@@ -307,18 +307,20 @@ class CobraModel(nn.Module):
         rows = self.item_emb(items.clamp(0, self.item_emb.num_embeddings - 1))
         return vectors + rows * known[:, None].to(rows.dtype)
 
-    def successor_shift(self, last_items: torch.Tensor | None) -> torch.Tensor | None:
+    def successor_shift(self, last_items: torch.Tensor | None, dense: bool = False) -> torch.Tensor | None:
         """``successor_embedding``: each row's most recent history items -> (B, d), the row to add to every hidden state
-        that predicts the row's next item; None for a model without it.
+        that predicts the row's next item (``dense``: to the one that predicts its dense vector); None for a model
+        without it.
 
         ``last_items`` is (B,), the catalogue index of each row's last history item, or (B, n), its history (left-padded,
-        most recent last), of which the last ``successor_context`` columns are read and their rows weighted by recency.
-        -1 and items beyond the table (e.g. ones added after training) add nothing."""
+        most recent last), of which the last ``successor_context`` columns (``successor_context_dense`` for ``dense``,
+        when set) are read and their rows weighted by recency. -1 and items beyond the table (e.g. ones added after
+        training) add nothing."""
         if self.succ_emb is None:
             return None
         if last_items is None:
             raise ValueError("model.successor_embedding needs each history's last item (last_items)")
-        k = self.cfg.successor_context
+        k = self.dense_context if dense else self.cfg.successor_context
         items = last_items[:, None] if last_items.dim() == 1 else last_items
         if items.shape[1] < k:
             items = F.pad(items, (k - items.shape[1], 0), value=-1)
@@ -328,12 +330,17 @@ class CobraModel(nn.Module):
         rows = self.succ_emb(items.clamp(0, n - 1)) * known[..., None].to(self.succ_emb.weight.dtype)  # (B, k, d)
         if self.succ_mix is None:
             return rows[:, 0]
-        return (rows * self.succ_mix[None, :, None].to(rows.dtype)).sum(1)
+        return (rows * self.succ_mix[None, :k, None].to(rows.dtype)).sum(1)
 
-    def with_successor(self, h: torch.Tensor, last_items: torch.Tensor | None) -> torch.Tensor:
-        """Hidden states ``h`` (B, d) that predict each row's next item, plus :meth:`successor_shift` of its last items
-        (``h`` itself for a model without ``successor_embedding``)."""
-        shift = self.successor_shift(last_items)
+    @property
+    def dense_context(self) -> int:
+        """How many of the last history items' successor rows the dense head reads (``successor_context_dense``)."""
+        return self.cfg.successor_context_dense or self.cfg.successor_context
+
+    def with_successor(self, h: torch.Tensor, last_items: torch.Tensor | None, dense: bool = False) -> torch.Tensor:
+        """Hidden states ``h`` (B, d) that predict each row's next item (``dense``: its dense vector), plus
+        :meth:`successor_shift` of its last items (``h`` itself for a model without ``successor_embedding``)."""
+        shift = self.successor_shift(last_items, dense)
         return h if shift is None else h + shift.to(h.dtype)
 
     @torch.no_grad()
@@ -426,8 +433,11 @@ class CobraModel(nn.Module):
             ids = torch.where(valid, batch.item_ids[idx], -1)  # (B, S) catalogue index, -1 = padding
             # for the target at position t: the items at t-k .. t-1 (oldest first), -1 before the row's start
             before = torch.stack([F.pad(ids, (j, 0), value=-1)[:, 1:s] for j in range(k, 0, -1)], -1)
-            shift = self.successor_shift(before[target_ok])
-            pred_in = pred_in + self.emb_drop(shift)[:, None, :].to(pred_in.dtype)
+            shift = self.emb_drop(self.successor_shift(before[target_ok]))[:, None, :]  # (P, 1, d)
+            if self.dense_context != k:  # the dense head (the last of the T inputs) reads fewer items
+                dense_shift = self.emb_drop(self.successor_shift(before[target_ok], dense=True))[:, None, :]
+                shift = torch.cat([shift.expand(-1, T - 1, -1), dense_shift], dim=1)  # (P, T, d)
+            pred_in = pred_in + shift.to(pred_in.dtype)
         zero = h.new_zeros(())
         sparse, per_level = zero, []
         if cfg.use_sparse:

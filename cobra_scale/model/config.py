@@ -63,6 +63,12 @@ class CobraConfig:
         "states, each times a learned per-recency weight (starting at 1, 0.3, 0.09, ... from the most recent): the "
         "learned counterpart of an item-to-item count voted by the last few items; 1 = the last item's row alone",
     )
+    successor_context_dense: int = field(
+        0,
+        help="successor_context for the hidden state that predicts the dense vector alone: the rows of its last "
+        "successor_context_dense items (with the same recency weights) while the code heads read successor_context; "
+        "0 = successor_context (the same rows for every head)",
+    )
     repeat_bias: bool = field(
         False,
         help="a learned bias per code level on the logit of a code whose ID prefix (codes 0..level) is that of one of the "
@@ -115,6 +121,11 @@ class CobraConfig:
             raise ConfigError("model.successor_context must be >= 1")
         if self.successor_context > 1 and not self.successor_embedding:
             raise ConfigError("model.successor_context > 1 needs model.successor_embedding=true")
+        if not 0 <= self.successor_context_dense <= self.successor_context:
+            raise ConfigError(
+                f"model.successor_context_dense must be between 0 (= successor_context) and successor_context "
+                f"({self.successor_context}); got {self.successor_context_dense}"
+            )
         if self.repeat_positions < 1:
             raise ConfigError("model.repeat_positions must be >= 1")
         if self.repeat_positions > 1 and not self.repeat_bias:

@@ -112,7 +112,7 @@ class Recommender:
         exclude = history if params.exclude_history else None
         if mode == "dense_only":
             h, _, _ = self.model.start(codes, vectors, valid)
-            return self._search(self.model.dense_prediction(self.model.with_successor(h, history)), k, exclude, history)
+            return self._search(self.model.dense_prediction(self.model.with_successor(h, history, dense=True)), k, exclude, history)
         beams = beam_search(
             self.model, codes, vectors, valid, self.masks, params.beams if mode != "no_fusion" else 1, with_dense=mode != "sparse_only", last_items=history
         )

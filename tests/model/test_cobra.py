@@ -865,3 +865,77 @@ def test_recommender_reads_the_last_items_of_each_history_with_successor_context
     vec = model.encode_items(tokens, mask, torch.arange(12)).detach()
     args = (codes[hist.clamp(min=0)], vec[hist.clamp(min=0)], hist >= 0, PrefixMasks(codes.numpy(), K))
     assert torch.equal(beam_search(model, *args, beams=1, last_items=hist).codes[:, 0], greedy_decode(model, *args, last_items=hist))
+
+
+def dense_context_pair() -> tuple[CobraModel, CobraModel]:
+    """context_model(3) twice, the same weights: the dense head of the first reads the last item's row alone."""
+    three = context_model(3)
+    with torch.no_grad():
+        three.succ_emb.weight.mul_(10.0)  # large rows, so that which ones the dense head reads shows in its loss
+    split = tiny_model(successor_embedding=True, successor_context=3, successor_context_dense=1, catalogue_items=12)
+    split.load_state_dict(three.state_dict())
+    return split, three
+
+
+def test_successor_context_dense_feeds_the_dense_head_fewer_items_in_training():
+    from cobra_scale.errors import ConfigError
+
+    split, three = dense_context_pair()
+    rows = batch([[-1, 0, 1, 2, 3], [4, 5, 6, 7, 8]])
+
+    def run(model):  # the losses and the hidden states the dense head reads
+        seen = []
+        hook = model.dense_head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+        with torch.no_grad():
+            out = model(rows)
+        hook.remove()
+        return out, seen[0]
+
+    (a, a_in), (b, b_in) = run(split), run(three)
+    # the code heads are the same model's
+    assert a.sparse_per_level == pytest.approx(b.sparse_per_level, rel=1e-6)
+    assert not torch.allclose(a_in, b_in)
+    # the dense head reads what the model whose older weights are zero reads
+    with torch.no_grad():
+        three.succ_mix[1:] = 0.0
+    c, c_in = run(three)
+    torch.testing.assert_close(a_in, c_in)
+    assert math.isclose(float(a.dense), float(c.dense), rel_tol=1e-6)
+    assert c.sparse_per_level != pytest.approx(a.sparse_per_level, rel=1e-3)
+    with pytest.raises(ConfigError, match="successor_context_dense must be between"):
+        tiny_model(successor_embedding=True, successor_context=2, successor_context_dense=3, catalogue_items=12)
+
+
+def test_successor_context_dense_in_beam_search_and_the_dense_only_path():
+    """An older item's row moves the beams' code scores, not the vector each beam's ID gets; dense_only reads the
+    last item alone."""
+    split, three = dense_context_pair()
+    tokens, mask, codes = catalogue()
+    vec = split.encode_items(tokens, mask, torch.arange(12)).detach()
+    hist = torch.tensor([[-1, 0, 1, 2], [3, 4, 5, 6]])
+    masks = PrefixMasks(codes.numpy(), K)
+    args = (codes[hist.clamp(min=0)], vec[hist.clamp(min=0)], hist >= 0, masks)
+
+    def by_id(model):  # every ID of the catalogue is a beam: sid -> (score, vector) per user
+        out = beam_search(model, *args, beams=16, last_items=hist)
+        return [{int(s): (float(out.scores[u, j]), out.dense[u, j]) for j, s in enumerate(out.sids[u]) if torch.isfinite(out.scores[u, j])} for u in range(2)]
+
+    before, before3 = by_id(split), by_id(three)
+    assert all(before[u][s][0] == pytest.approx(before3[u][s][0], abs=1e-5) for u in range(2) for s in before[u])
+    with torch.no_grad():
+        for model in (split, three):
+            model.succ_emb.weight[[1, 5]] += 2.0  # user 0's and user 1's second-last items
+    after, after3 = by_id(split), by_id(three)
+    for u in range(2):
+        assert len(after[u]) == len(before[u]) == 12
+        assert any(abs(after[u][s][0] - before[u][s][0]) > 1e-4 for s in before[u])
+        for s in before[u]:
+            torch.testing.assert_close(after[u][s][1], before[u][s][1])
+        assert any(not torch.allclose(after3[u][s][1], before3[u][s][1]) for s in before3[u])
+    rec = Recommender(split, codes, vec)
+    dense_only = rec.recommend(hist, 5, InferenceParams(mode="dense_only"))[1]
+    with torch.no_grad():
+        split.succ_emb.weight[[1, 5]] -= 4.0
+        assert torch.allclose(rec.recommend(hist, 5, InferenceParams(mode="dense_only"))[1], dense_only)
+        split.succ_emb.weight[[2, 6]] += 2.0  # the last items
+        assert not torch.allclose(rec.recommend(hist, 5, InferenceParams(mode="dense_only"))[1], dense_only)
