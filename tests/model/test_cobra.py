@@ -904,6 +904,13 @@ def test_successor_context_dense_feeds_the_dense_head_fewer_items_in_training():
     assert c.sparse_per_level != pytest.approx(a.sparse_per_level, rel=1e-3)
     with pytest.raises(ConfigError, match="successor_context_dense must be between"):
         tiny_model(successor_embedding=True, successor_context=2, successor_context_dense=3, catalogue_items=12)
+    # without a dense head (w/o Dense) the option changes nothing: every code level reads the full context
+    no_dense = {"successor_embedding": True, "successor_context": 3, "catalogue_items": 12, "use_dense": False}
+    a, b = tiny_model(successor_context_dense=1, **no_dense), tiny_model(**no_dense)
+    for model in (a, b):
+        model.load_state_dict(split.state_dict(), strict=False)
+    with torch.no_grad():
+        assert a(rows).sparse_per_level == pytest.approx(b(rows).sparse_per_level, rel=1e-6)
 
 
 def test_successor_context_dense_in_beam_search_and_the_dense_only_path():
