@@ -129,7 +129,9 @@ def beam_search(
     dense = None
     if with_dense and model.cfg.use_dense:
         hb, _ = model.step_code(cache, L - 1, seqs[:, :, -1].reshape(-1), pos_beam, _pack(seqs[:, :, : L - 1].reshape(b * m, L - 1), K))
-        dense_shift = model.successor_shift(last_items, dense=True) if shift is not None else None
+        dense_shift = shift  # the code heads' rows unless the dense head reads fewer items
+        if shift is not None and model.dense_context != model.cfg.successor_context:
+            dense_shift = model.successor_shift(last_items, dense=True)
         if dense_shift is not None:
             hb = hb + dense_shift.repeat_interleave(m, dim=0).to(hb.dtype)
         dense = model.dense_prediction(hb).view(b, m, -1)

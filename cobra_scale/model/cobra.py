@@ -334,8 +334,9 @@ class CobraModel(nn.Module):
 
     @property
     def dense_context(self) -> int:
-        """How many of the last history items' successor rows the dense head reads (``successor_context_dense``)."""
-        return self.cfg.successor_context_dense or self.cfg.successor_context
+        """How many of the last history items' successor rows the dense head reads (``successor_context_dense``; a model
+        without a dense head: ``successor_context``, so that every head it has reads the same rows)."""
+        return (self.cfg.use_dense and self.cfg.successor_context_dense) or self.cfg.successor_context
 
     def with_successor(self, h: torch.Tensor, last_items: torch.Tensor | None, dense: bool = False) -> torch.Tensor:
         """Hidden states ``h`` (B, d) that predict each row's next item (``dense``: its dense vector), plus
@@ -434,7 +435,7 @@ class CobraModel(nn.Module):
             # for the target at position t: the items at t-k .. t-1 (oldest first), -1 before the row's start
             before = torch.stack([F.pad(ids, (j, 0), value=-1)[:, 1:s] for j in range(k, 0, -1)], -1)
             shift = self.emb_drop(self.successor_shift(before[target_ok]))[:, None, :]  # (P, 1, d)
-            if cfg.use_dense and self.dense_context != k:  # the dense head (the last of the T inputs) reads fewer items
+            if self.dense_context != k:  # the dense head (the last of the T inputs) reads fewer items
                 dense_shift = self.emb_drop(self.successor_shift(before[target_ok], dense=True))[:, None, :]
                 shift = torch.cat([shift.expand(-1, T - 1, -1), dense_shift], dim=1)  # (P, T, d)
             pred_in = pred_in + shift.to(pred_in.dtype)
