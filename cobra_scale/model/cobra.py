@@ -49,6 +49,7 @@ class Losses:
     sparse_per_level: list[float]
     predictions: int
     item_vectors: torch.Tensor | None = None  # (U, d) the batch's encoded items, detached (for a negatives bank)
+    item_text: torch.Tensor | None = None  # (U, d) the same without the per-item rows, detached (a catalogue_live_rows bank)
 
 
 def dense_contrastive_loss(
@@ -300,7 +301,12 @@ class CobraModel(nn.Module):
         have a row (index < catalogue_items) get it added. Without ``items`` (or for indices
         beyond the table, e.g. items added after training) the vector is the text's alone.
         """
-        vectors = self.encoder(tokens, mask)
+        return self.with_item_rows(self.encoder(tokens, mask), items)
+
+    def with_item_rows(self, vectors: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+        """Text vectors ``vectors`` (U, d) of catalogue ``items`` (U,) plus their per-item rows (``item_embedding``;
+        nothing for indices beyond the table, for ``items=None`` or without the rows). The rows keep their gradient:
+        ``catalogue_live_rows`` builds the catalogue term's keys from stale text vectors with it."""
         if self.item_emb is None or items is None:
             return vectors
         known = (items >= 0) & (items < self.item_emb.num_embeddings)
@@ -416,7 +422,8 @@ class CobraModel(nn.Module):
         seq = batch.seq
         valid = seq >= 0  # (B, S)
         idx = seq.clamp(min=0)
-        vectors = self.encode_items(batch.item_tokens, batch.item_token_mask, batch.item_ids) if cfg.use_dense else None  # (U, d)
+        text = self.encoder(batch.item_tokens, batch.item_token_mask) if cfg.use_dense else None  # (U, d)
+        vectors = self.with_item_rows(text, batch.item_ids) if cfg.use_dense else None  # (U, d)
         codes = batch.item_codes[idx]  # (B, S, L)
         x = self.item_tokens(codes, vectors[idx] if vectors is not None else None, self.positions(valid))  # (B, S, T, d)
         b, s = seq.shape
@@ -498,7 +505,8 @@ class CobraModel(nn.Module):
                 before_id, vectors, target_items, self.temperature, batch.item_ids[target_items], batch.item_ids,
                 impl=self.dense_loss_impl, scope=self.dense_loss_scope,
             )
-        return Losses(total, sparse, dense, per_level, int(target_items.numel()), vectors.detach() if vectors is not None else None)
+        detached = (vectors.detach(), text.detach()) if vectors is not None else (None, None)
+        return Losses(total, sparse, dense, per_level, int(target_items.numel()), *detached)
 
     def _id_bank_loss(self, pred: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor, target_items: torch.Tensor) -> torch.Tensor:
         """Mean CE of each prediction (P, d) over its target's candidates (column 0 the positive).

@@ -137,6 +137,12 @@ class TrainConfig:
         "latest vectors (no gradient, re-encoded each epoch; the positive is the target's bank vector); -1 = the whole "
         "catalogue, 0 = in-batch only (the paper). Local launcher",
     )
+    catalogue_live_rows: bool = field(
+        False,
+        help="with catalogue_negatives and model.item_embedding: the bank keeps each item's text vector and the catalogue "
+        "term's keys add the item's current per-item row, with its gradient, so every sampled item's row learns from every "
+        "prediction (as SASRec-CE's output embedding does); the text part stays stale. Not with id_bank_negatives",
+    )
     id_bank_negatives: int = field(
         0,
         help="dense loss: add a term scoring each prediction against up to N other items of its target's own sparse ID from "
@@ -200,6 +206,11 @@ class TrainConfig:
             raise ConfigError("steps_per_epoch is for the local launcher; with launcher=ray bound the run with distributed.max_steps")
         if self.catalogue_negatives < -1:
             raise ConfigError("catalogue_negatives must be -1 (whole catalogue), 0 (off) or a count")
+        if self.catalogue_live_rows and not (self.catalogue_negatives and self.model.item_embedding and self.model.use_dense):
+            raise ConfigError("catalogue_live_rows changes the keys of the catalogue term: it needs catalogue_negatives != 0 and "
+                              "model.item_embedding=true (and the dense path)")
+        if self.catalogue_live_rows and self.id_bank_negatives:
+            raise ConfigError("catalogue_live_rows keeps text vectors in the bank, which id_bank_negatives reads as whole vectors: use one")
         if self.id_bank_negatives < 0:
             raise ConfigError("id_bank_negatives must be >= 0 (0 = off): items of the target's ID per prediction")
         if self.id_bank_negatives and not self.model.use_dense:

@@ -295,13 +295,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 
 def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float, precision: str = "fp32", engine=None,
-               bank: VectorBank | None = None, id_candidates: torch.Tensor | None = None) -> Losses:
+               bank: VectorBank | None = None, id_candidates: torch.Tensor | None = None, live_rows: bool = False) -> Losses:
     """One optimisation step on one batch (the unit the distributed trainer wraps).
 
     With a ``bank`` of ``negatives != 0`` the dense loss gets its catalogue term (see
     :mod:`cobra_scale.train.negatives`); with ``id_candidates`` (the batch's unique items'
     rows of :func:`~cobra_scale.train.negatives.same_id_candidates`) its term inside the
     target's ID against the bank. The bank takes the batch's freshly encoded item vectors afterwards.
+    With ``live_rows`` (``catalogue_live_rows``) the bank holds text vectors alone: the catalogue
+    term's keys add each item's current per-item row, with its gradient.
 
     With a DeepSpeed ``engine`` (``model`` is then the engine itself) the engine owns the
     backward (loss scaling, gradient accumulation, ZeRO reduce-scatter), clipping
@@ -312,12 +314,13 @@ def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         kwargs = {}
         if bank is not None and bank.negatives:
-            kwargs["bank_keys"], kwargs["bank_ids"] = bank.sample(batch.item_ids)
+            keys, ids = bank.sample(batch.item_ids)
+            kwargs["bank_keys"], kwargs["bank_ids"] = (model.with_item_rows(keys, ids) if live_rows else keys), ids
         if id_candidates is not None:
             kwargs["id_bank"] = (bank.vectors, id_candidates)
         losses = model(batch, **kwargs)
     if bank is not None and losses.item_vectors is not None:
-        bank.update(batch.item_ids, losses.item_vectors)
+        bank.update(batch.item_ids, losses.item_text if live_rows else losses.item_vectors)
     if engine is not None:
         engine.backward(losses.total)
         engine.step()
@@ -336,15 +339,15 @@ def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer
 
 
 @torch.no_grad()
-def encode_catalogue(model: CobraModel, catalogue: Catalogue, device: torch.device, batch: int = 2048) -> torch.Tensor:
-    """Dense vectors (N, d) of every catalogue item."""
+def encode_catalogue(model: CobraModel, catalogue: Catalogue, device: torch.device, batch: int = 2048, rows: bool = True) -> torch.Tensor:
+    """Dense vectors (N, d) of every catalogue item (``rows=False``: their text alone, without the per-item rows)."""
     model.eval()
     out = []
     for start in range(0, len(catalogue), batch):
         mask = catalogue.token_mask[start : start + batch]
         used = int(mask.sum(1).max())
         items = torch.arange(start, min(start + batch, len(catalogue)), device=device)
-        out.append(model.encode_items(catalogue.tokens[start : start + batch, :used].to(device), mask[:, :used].to(device), items).float())
+        out.append(model.encode_items(catalogue.tokens[start : start + batch, :used].to(device), mask[:, :used].to(device), items if rows else None).float())
     return torch.cat(out)
 
 
@@ -499,12 +502,13 @@ def run(cfg: TrainConfig) -> dict:
         rng = np.random.default_rng([cfg.seed, epoch])
         sums = {"total": 0.0, "sparse": 0.0, "dense": 0.0}
         if (cfg.catalogue_negatives or cfg.id_bank_negatives) and cfg.model.use_dense:  # each epoch the bank starts from the current weights
-            vectors = encode_catalogue(model, catalogue, device)
+            vectors = encode_catalogue(model, catalogue, device, rows=not cfg.catalogue_live_rows)
             if bank is None:
                 bank = VectorBank(vectors, cfg.catalogue_negatives, catalogue.held_out)
                 if cfg.catalogue_negatives:
-                    log.info("dense loss: %s catalogue negatives per step from a bank of %d item vectors",
-                             "all" if cfg.catalogue_negatives < 0 else cfg.catalogue_negatives, len(bank))
+                    log.info("dense loss: %s catalogue negatives per step from a bank of %d item vectors%s",
+                             "all" if cfg.catalogue_negatives < 0 else cfg.catalogue_negatives, len(bank),
+                             " (text; each key adds its item's live row)" if cfg.catalogue_live_rows else "")
                 if cfg.id_bank_negatives:
                     log.info("dense loss: up to %d items of the target's own ID per prediction from a bank of %d item vectors",
                              cfg.id_bank_negatives, len(bank))
@@ -518,7 +522,8 @@ def run(cfg: TrainConfig) -> dict:
             if cfg.id_bank_negatives:  # the config requires the dense path with it
                 cand = same_id_candidates(catalogue.id_buckets(), batch.item_ids.cpu().numpy(), cfg.id_bank_negatives, rng)
                 id_candidates = torch.from_numpy(cand).to(device)
-            losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, precision, bank=bank, id_candidates=id_candidates)
+            losses = train_step(model, batch, optimizer, scheduler, cfg.grad_clip, precision, bank=bank, id_candidates=id_candidates,
+                                live_rows=cfg.catalogue_live_rows)
             if ema is not None:
                 ema.update_parameters(model)
             for k in sums:

@@ -60,10 +60,14 @@ def test_train_cli_bad_paths_are_one_line(tmp_path, capsys):
     assert rc == 2 and err.startswith("error: ") and "items catalogue" in err
 
 
-def test_catalogue_negatives_and_item_embedding_train_and_reload(data, tmp_path):
+@pytest.mark.parametrize("live_rows", [False, True])
+def test_catalogue_negatives_and_item_embedding_train_and_reload(data, tmp_path, caplog, live_rows):
     out = tmp_path / "bank"
-    summary = run(config(data, out, "epochs=2", "catalogue_negatives=-1", "model.item_embedding=true"))
+    with caplog.at_level("INFO", logger="cobra_scale.train.trainer"):
+        summary = run(config(data, out, "epochs=2", "catalogue_negatives=-1", "model.item_embedding=true",
+                             f"catalogue_live_rows={str(live_rows).lower()}"))
     assert summary["epochs"] == 2
+    assert ("each key adds its item's live row" in caplog.text) == live_rows
     model, catalogue, cfg, device = load_run(out)
     assert cfg.model.item_embedding and cfg.model.catalogue_items == len(catalogue)
     assert model.item_emb.weight.abs().sum() > 0  # the rows were trained

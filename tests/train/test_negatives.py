@@ -81,6 +81,43 @@ def test_bank_term_is_a_softmax_over_the_bank_with_the_targets_bank_vector_as_po
         model(batch, keys[:3], ids[:3])  # a target without a bank row
 
 
+def test_live_rows_keys_equal_whole_vectors_and_train_every_keys_row():
+    """catalogue_live_rows: keys = the bank's text vectors + the items' current rows. With a fresh text bank the term
+    equals that of a bank of whole vectors, and the rows of catalogue items outside the batch get a gradient (with a
+    bank of whole vectors they get none)."""
+    from cobra_scale.train.trainer import train_step
+
+    torch.manual_seed(0)
+    model = tiny_model(random_prefix=False, item_embedding=True, catalogue_items=12).eval()  # eval: no dropout, fresh = bank
+    with torch.no_grad():
+        model.item_emb.weight.normal_()
+    tokens, mask, codes = catalogue()
+    seq = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    sub = torch.arange(6)  # items 6..11 are in the bank only
+    batch = Batch(tokens[sub], mask[sub], codes[sub], sub, seq)
+    with torch.no_grad():
+        text = model.encode_items(tokens, mask)
+        whole = model.encode_items(tokens, mask, torch.arange(12))
+    keys, ids = VectorBank(text, -1).sample(sub)
+    live = model(batch, model.with_item_rows(keys, ids), ids)
+    stale = model(batch, whole, torch.arange(12))
+    assert float(live.dense) == pytest.approx(float(stale.dense), abs=1e-5)
+    assert torch.allclose(live.item_text, text[sub], atol=1e-6) and torch.allclose(live.item_vectors, whole[sub], atol=1e-6)
+    live.total.backward()
+    assert (model.item_emb.weight.grad[6:].abs().sum(1) > 0).all()
+    model.zero_grad()
+    model(batch, whole, torch.arange(12)).total.backward()
+    assert (model.item_emb.weight.grad[6:] == 0).all()
+
+    # one training step: the bank gets the batch's text vectors back (not the whole ones), and the rows outside the batch move
+    bank = VectorBank(text, -1)
+    before = model.item_emb.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = train_step(model, batch, opt, None, 0.0, bank=bank, live_rows=True)
+    assert torch.equal(bank.vectors[sub], out.item_text.float())
+    assert not torch.equal(model.item_emb.weight[6:], before[6:])
+
+
 def test_same_id_candidates_hold_the_item_first_then_other_items_of_its_id():
     # IDs: items 0-2 share one ID, 3 is alone, 4-11 share another (8 items)
     codes = np.array([[0, 0]] * 3 + [[0, 1]] + [[1, 1]] * 8)
@@ -155,5 +192,12 @@ def test_config_errors():
         TrainConfig(data="d", ids="i", out="o", catalogue_negatives=-1, launcher="ray")
     with pytest.raises(ConfigError, match="id_bank_negatives"):
         TrainConfig(data="d", ids="i", out="o", id_bank_negatives=-1)
+    with pytest.raises(ConfigError, match="catalogue_live_rows"):  # nothing to make live without the term or the rows
+        TrainConfig(data="d", ids="i", out="o", catalogue_live_rows=True, model=CobraConfig(item_embedding=True))
+    with pytest.raises(ConfigError, match="catalogue_live_rows"):
+        TrainConfig(data="d", ids="i", out="o", catalogue_live_rows=True, catalogue_negatives=-1)
+    with pytest.raises(ConfigError, match="catalogue_live_rows"):
+        TrainConfig(data="d", ids="i", out="o", catalogue_live_rows=True, catalogue_negatives=-1, id_bank_negatives=4,
+                    model=CobraConfig(item_embedding=True))
     with pytest.raises(ConfigError, match="local launcher"):
         TrainConfig(data="d", ids="i", out="o", id_bank_negatives=8, launcher="ray")
