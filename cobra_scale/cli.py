@@ -86,6 +86,22 @@ def _add_command(sub: argparse._SubParsersAction, name: str, command: Command) -
     p.set_defaults(_command=command, _fields=[f[0] for f in cli_fields(schema)])
 
 
+def _override_hint(args: argparse.Namespace, stray: list[str]) -> str:
+    """For ``--name`` where ``name`` is a list or nested field of the command: how to set it instead."""
+    command = getattr(args, "_command", None)
+    if command is None:
+        return ""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(_load(command.schema))}
+    hints = []
+    for arg in stray:
+        name = arg.lstrip("-").split("=", 1)[0].replace("-", "_")
+        if arg.startswith("--") and name in fields:
+            hints.append(f"{name} is a list or a section: set it as a key=value override, e.g. {name}=[...] or {name}.KEY=VALUE")
+    return ("; " + "; ".join(hints)) if hints else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cobra",
@@ -113,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     stray = [a for a in rest if a.startswith("-") or "=" not in a]
     if stray or (rest and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}{_override_hint(args, stray)}")
     if rest:
         args.overrides = [*args.overrides, *rest]
     logging.basicConfig(

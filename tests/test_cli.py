@@ -45,3 +45,28 @@ def test_overrides_may_sit_between_flags(capsys):
     except SystemExit as exc:
         assert exc.code == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_list_field_given_as_flag_names_the_override(capsys):
+    try:
+        main(["recommend", "--run", "r", "--history=[1,2]"])
+        raise AssertionError("expected a usage error")
+    except SystemExit as exc:
+        assert exc.code == 2
+    err = capsys.readouterr().err
+    assert "history=[...]" in err and "Traceback" not in err
+
+
+def test_recommend_rejects_bad_input_before_loading(capsys, tmp_path):
+    # each is a config error: one line, exit 2, before the (missing) run is opened
+    for args, words in (
+        (["history=[1,foo]"], "integer item ids"),
+        (["history=[1,2.5]"], "integer item ids"),  # never cast 2.5 to 2 silently
+        (["--k", "0"], "k must be >= 1"),
+        (["--users", "-1"], "users must be >= 1"),  # -1 would slice off the last user only
+    ):
+        assert main(["recommend", "--run", str(tmp_path / "missing"), *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err, (args, err)
+    assert main(["recommend", "--run", "r", "history=[3,'7']", "--print-config"]) == 0
+    assert "- 7" in capsys.readouterr().out

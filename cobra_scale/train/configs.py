@@ -328,3 +328,20 @@ class RecommendConfig:
     k: int = field(10, help="items to return")
     exclude_history: bool = field(False, help="do not recommend items of the history")
     inference: InferenceConfig = dc_field(default_factory=InferenceConfig)
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"k must be >= 1 (got {self.k})")
+        if self.users < 1:
+            raise ConfigError(f"users must be >= 1 (got {self.users})")
+        bad = [x for x in self.history if isinstance(x, bool) or not _is_item_id(x)]
+        if bad:
+            raise ConfigError(f"history takes integer item ids, e.g. history=[12,40,7] (got {bad})")
+        self.history = [int(x) for x in self.history]
+
+
+def _is_item_id(x) -> bool:
+    """An integer, or a string of one (YAML may quote it): never a float or a word, which would be cast silently."""
+    if isinstance(x, int):
+        return True
+    return isinstance(x, str) and x.strip().lstrip("-").isdigit()
