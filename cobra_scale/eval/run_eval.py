@@ -65,6 +65,12 @@ def run(cfg: EvalConfig) -> dict:
             raise DataError(f"{split_dir / part} not found (make the split with `cobra data split`)")
     max_hist = tcfg.model.max_items - 1
     valid_all = load_examples(split_dir / "valid", catalogue, max_hist)
+    if cfg.valid_unseen:
+        seen = valid_all.sample(tcfg.eval_users, tcfg.seed)  # the trainer's per-epoch validation users
+        if len(seen.targets) == len(valid_all.targets):
+            raise ConfigError(f"valid_unseen: {cfg.run} was validated on every validation user (eval_users={tcfg.eval_users}), so none is unseen")
+        valid_all = valid_all.without(seen.user_ids)
+        log.info("valid_unseen: %d validation users left after the trainer's %d", len(valid_all.targets), len(seen.targets))
     valid = valid_all.sample(cfg.max_users if cfg.valid_users < 0 else cfg.valid_users, cfg.seed)
     target_all = valid_all if cfg.split_name == "valid" else load_examples(split_dir / cfg.split_name, catalogue, max_hist)
     target = target_all.sample(cfg.max_users, cfg.seed)
@@ -130,6 +136,7 @@ def run(cfg: EvalConfig) -> dict:
         "users": len(target.targets),
         "population": len(target_all.targets),
         "valid_grid_users": len(valid.targets),
+        "valid_unseen": cfg.valid_unseen,
         "sampled": len(target.targets) < len(target_all.targets),
         "sample_seed": cfg.seed,
         "users_with_targets": table[settings[0].name]["users"],

@@ -255,6 +255,8 @@ class EvalConfig:
     batch_users: int = field(256, help="users per inference batch")
     max_users: int = field(0, help="evaluate a seeded sample of this many users (0 = all; report figures with 0)")
     valid_users: int = field(-1, help="users sampled for the validation grid (-1 = as max_users, 0 = all); the grid only ranks settings")
+    valid_unseen: bool = field(False, help="leave out of the validation users (the grid's pool and split_name=valid's scores) those the "
+                               "trainer chose the checkpoint on (its eval_users sample with its seed), so that they measure unseen users")
     exclude_history: bool = field(False, help="also mask the user's history items (the papers' protocol does not)")
     grid_tau: list = field([], help="tau values tried on valid (empty = the run's)")
     grid_psi: list = field([], help="psi values tried on valid (empty = the run's)")

@@ -223,6 +223,11 @@ class EvalSet:
         pick = np.sort(np.random.default_rng(seed).choice(len(self.targets), n, replace=False))
         return EvalSet(self.history[torch.from_numpy(pick)], [self.targets[i] for i in pick], self.user_ids[pick])
 
+    def without(self, user_ids: np.ndarray) -> "EvalSet":
+        """The users not in ``user_ids``, in their original order."""
+        keep = np.flatnonzero(~np.isin(self.user_ids, user_ids))
+        return EvalSet(self.history[torch.from_numpy(keep)], [self.targets[i] for i in keep], self.user_ids[keep])
+
 
 def load_examples(path: str | Path, catalogue: Catalogue, max_history: int) -> EvalSet:
     """Validation/test rows (history -> targets) as left-padded index tensors."""

@@ -222,3 +222,28 @@ def test_prior_command_and_the_eval_grid_over_prior_weights(run, tmp_path, capsy
     with pytest.raises(Refusal) as refused:
         bare.prepare({"items": [item], "k": 5}, Settings(run=str(work), prior_weight=0.5))
     assert refused.value.status == 503 and "cobra prior" in refused.value.detail
+
+
+def test_valid_unseen_scores_only_users_the_checkpoint_choice_did_not_see(tmp_path, capsys):
+    from tests.retrieve.fixtures import tiny_run
+
+    from cobra_scale.retrieve.build import load_recommender
+    from cobra_scale.train.data import load_examples
+
+    run = tiny_run(tmp_path, "eval_users=50", "seed=3")
+    out = tmp_path / "ev"
+    assert main(["eval", "--run", str(run), "--out", str(out), "--split-name", "valid", "valid_unseen=true",
+                 "modes=[cobra]", "ks=[5,10]"]) == 0
+    res = json.loads((out / "eval_valid.json").read_text())
+    _, catalogue, tcfg, _ = load_recommender(run, None)
+    valid = load_examples(run.parent / "data" / "splits" / "loo" / "valid", catalogue, tcfg.model.max_items - 1)
+    seen = valid.sample(50, 3)  # the trainer's users: its eval_users with its seed
+    unseen = valid.without(seen.user_ids)
+    assert res["valid_unseen"] and res["population"] == len(valid.targets) - 50 == len(unseen.targets)
+    assert not set(unseen.user_ids.tolist()) & set(seen.user_ids.tolist())
+    assert sorted([*unseen.user_ids.tolist(), *seen.user_ids.tolist()]) == sorted(valid.user_ids.tolist())
+    # a run validated on every user has no unseen users: a config error, not an empty evaluation
+    every = tiny_run(tmp_path / "all", "eval_users=0")
+    capsys.readouterr()
+    assert main(["eval", "--run", str(every), "--split-name", "valid", "valid_unseen=true", "modes=[cobra]"]) == 2
+    assert "none is unseen" in capsys.readouterr().err
