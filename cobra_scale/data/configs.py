@@ -99,6 +99,12 @@ class SplitConfig:
         "training) or 'time' (train days 1..D, test D+1)",
     )
     max_history: int = field(20, help="histories are truncated to the last N items")
+    drop_last: int = field(
+        0,
+        help="loo: split each sequence without its last N items. drop_last=1 is a selection split in test's position: its "
+        "test rows are the usual validation rows, and their histories end, as the usual test's do, in an item that no "
+        "training example has as a target",
+    )
     cold_fraction: float = field(0.05, help="loo_cold: fraction of the test-target items made cold-start items")
     seed: int = field(0, help="loo_cold: seed of the cold-start item draw")
     test_day: Optional[str] = field(None, help="time split: the test day (default: the last day present)")
@@ -110,6 +116,10 @@ class SplitConfig:
         if not 0 < self.cold_fraction < 1:
             raise ConfigError(f"cold_fraction must be in (0, 1), got {self.cold_fraction}")
         _positive("max_history", self.max_history)
+        if self.drop_last < 0:
+            raise ConfigError(f"drop_last must be >= 0, got {self.drop_last}")
+        if self.drop_last and self.kind != "loo":
+            raise ConfigError(f"drop_last applies to kind=loo only, not '{self.kind}'")
         _date("test_day", self.test_day)
         _date("valid_day", self.valid_day)
 

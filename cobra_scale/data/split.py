@@ -4,7 +4,9 @@ Two protocols:
 
 * **Leave-one-out** (``kind="loo"``, the public benchmarks' protocol): per user, the last
   item is the test target, the second-to-last the validation target, the rest is
-  training. Users with fewer than 3 items are dropped (and counted).
+  training. Users with fewer than 3 items are dropped (and counted). ``drop_last=N`` first
+  removes each sequence's last N items: with N = 1 the test rows are the usual validation
+  rows, and a model chosen on them is chosen in the usual test's position.
 * **Leave-one-out with cold-start items** (``kind="loo_cold"``): a seeded fraction of the
   items that are some user's test target become *cold-start items*: every interaction
   with them is removed from the sequences except where one is a user's last item (a
@@ -103,8 +105,8 @@ def _dedupe_in_rows(values: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray
 # ----------------------------------------------------------------------------- protocols
 
 
-def split_loo(table: pa.Table, max_history: int) -> tuple[pa.Table, pa.Table, pa.Table, dict]:
-    """Leave-one-out split of a sequences table.
+def split_loo(table: pa.Table, max_history: int, drop_last: int = 0) -> tuple[pa.Table, pa.Table, pa.Table, dict]:
+    """Leave-one-out split of a sequences table (each sequence without its last ``drop_last`` items).
 
     Returns:
         ``(train, valid, test, counts)``: train in SEQUENCES_SCHEMA, valid/test in
@@ -113,10 +115,10 @@ def split_loo(table: pa.Table, max_history: int) -> tuple[pa.Table, pa.Table, pa
     items, offsets, _ = _list_parts(table.column("item_ids"))
     has_ts = table.column("timestamps").null_count < table.num_rows
     ts, ts_offsets, ts_null = _list_parts(table.column("timestamps")) if has_ts else (None, None, None)
-    lengths = np.diff(offsets)
+    lengths = np.diff(offsets) - drop_last
     keep = lengths >= 3
     users = np.asarray(table.column("user_id"), dtype=np.int64)[keep]
-    starts, ends = offsets[:-1][keep], offsets[1:][keep]
+    starts, ends = offsets[:-1][keep], offsets[1:][keep] - drop_last
 
     def examples(hist_end: np.ndarray) -> pa.Table:
         hist_start = np.maximum(starts, hist_end - max_history)
@@ -311,7 +313,7 @@ def split_files(cfg: SplitConfig) -> dict:
 
         table = check_sequences_table(table, f)
         if cfg.kind == "loo":
-            train, valid, test, counts = split_loo(table, cfg.max_history)
+            train, valid, test, counts = split_loo(table, cfg.max_history, cfg.drop_last)
         elif cfg.kind == "loo_cold":
             table, removed = remove_cold(table, cold)
             train, valid, test, counts = split_loo(table, cfg.max_history)
@@ -324,7 +326,7 @@ def split_files(cfg: SplitConfig) -> dict:
             write_table(part, out / name / shard_name(index))
         for k, v in counts.items():
             totals[k] = totals.get(k, 0) + int(v)
-    summary = {"kind": cfg.kind, **extra, **totals, "out": str(out)}
+    summary = {"kind": cfg.kind, **({"drop_last": cfg.drop_last} if cfg.drop_last else {}), **extra, **totals, "out": str(out)}
     save_config(cfg, out)
     (out / "split_report.json").write_text(json.dumps(summary, indent=2))
     for key, value in totals.items():

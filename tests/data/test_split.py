@@ -121,3 +121,28 @@ def test_loo_cold_bad_fraction_is_a_config_error():
 
     with pytest.raises(ConfigError, match="cold_fraction"):
         SplitConfig(sequences="x", out="y", kind="loo_cold", cold_fraction=1.5)
+
+
+def test_loo_drop_last_puts_selection_in_tests_position():
+    import pytest
+
+    from cobra_scale.data.configs import SplitConfig
+    from cobra_scale.errors import ConfigError
+
+    table = seqs([(7, [1, 2, 3, 4, 5, 6], None), (8, [9, 8, 7], None), (9, list(range(30)), None)], with_ts=False)
+    _, usual_valid, _, _ = split_loo(table, 20)
+    train, valid, test, counts = split_loo(table, 20, drop_last=1)
+    assert counts["users_out"] == 2  # user 8 keeps 2 items: too few
+    # its test rows are the usual validation rows, user for user
+    usual = {r["user_id"]: r for r in usual_valid.to_pylist()}
+    assert [r["user_id"] for r in test.to_pylist()] == [7, 9]
+    for row in test.to_pylist():
+        assert row == usual[row["user_id"]]
+    # ... and their histories end (item 4) where training stops short: no training prefix has 4 as its target
+    assert test.to_pylist()[0]["history"] == [1, 2, 3, 4]
+    assert train.to_pylist()[0]["item_ids"] == [1, 2, 3]
+    assert valid.to_pylist()[0] == {**valid.to_pylist()[0], "history": [1, 2, 3], "targets": [4]}
+    with pytest.raises(ConfigError, match="kind=loo only"):
+        SplitConfig(sequences="s", out="o", kind="time", drop_last=1)
+    with pytest.raises(ConfigError, match=">= 0"):
+        SplitConfig(sequences="s", out="o", drop_last=-1)
