@@ -41,7 +41,7 @@ def run(cfg: EvalConfig) -> dict:
     from cobra_scale.eval.batch import Setting, diversity_sids, evaluate_local, evaluate_ray
     from cobra_scale.retrieve.build import load_recommender
     from cobra_scale.train.data import load_examples
-    from cobra_scale.train.trainer import inference_params
+    from cobra_scale.train.trainer import checkpoint_users, inference_params
 
     started = time.perf_counter()
     ks = tuple(sorted({int(k) for k in cfg.ks}))
@@ -66,7 +66,7 @@ def run(cfg: EvalConfig) -> dict:
     max_hist = tcfg.model.max_items - 1
     valid_all = load_examples(split_dir / "valid", catalogue, max_hist)
     if cfg.valid_unseen:
-        seen = valid_all.sample(tcfg.eval_users, tcfg.seed)  # the trainer's per-epoch validation users
+        seen = checkpoint_users(valid_all, tcfg)
         if len(seen.targets) == len(valid_all.targets):
             raise ConfigError(f"valid_unseen: {cfg.run} was validated on every validation user (eval_users={tcfg.eval_users}), so none is unseen")
         valid_all = valid_all.without(seen.user_ids)

@@ -34,6 +34,7 @@ from cobra_scale.train.configs import InferenceConfig, TrainConfig
 from cobra_scale.train.negatives import VectorBank, same_id_candidates
 from cobra_scale.train.data import (
     Catalogue,
+    EvalSet,
     batch_to,
     cold_item_indices,
     collate,
@@ -338,6 +339,12 @@ def train_step(model: CobraModel, batch: Batch, optimizer: torch.optim.Optimizer
 # ----------------------------------------------------------------------------- eval / io
 
 
+def checkpoint_users(valid: EvalSet, cfg: TrainConfig) -> EvalSet:
+    """The validation users a run's per-epoch validation (and so its checkpoint choice) scores: ``eval_users`` of
+    them drawn with the run's ``seed``. `cobra eval valid_unseen=true` leaves these out."""
+    return valid.sample(cfg.eval_users, cfg.seed)
+
+
 @torch.no_grad()
 def encode_catalogue(model: CobraModel, catalogue: Catalogue, device: torch.device, batch: int = 2048, rows: bool = True) -> torch.Tensor:
     """Dense vectors (N, d) of every catalogue item (``rows=False``: their text alone, without the per-item rows)."""
@@ -457,7 +464,7 @@ def run(cfg: TrainConfig) -> dict:
     windows = training_windows(read_sequences(split / "train", catalogue), cfg.model.max_items)
     if not windows:
         raise DataError(f"{split / 'train'} holds no sequence of 2+ items")
-    valid = load_examples(split / "valid", catalogue, cfg.model.max_items - 1).sample(cfg.eval_users, cfg.seed)
+    valid = checkpoint_users(load_examples(split / "valid", catalogue, cfg.model.max_items - 1), cfg)
     save_config(cfg, out)
 
     model = CobraModel(cfg.model).to(device)
