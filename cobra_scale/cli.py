@@ -55,6 +55,7 @@ COMMANDS: dict[str | None, dict[str, Command]] = {
         "train": Command("cobra_scale.train.configs:TrainConfig", "cobra_scale.train.trainer:run"),
         "export": Command("cobra_scale.train.configs:ExportConfig", "cobra_scale.train.export:run"),
         "eval": Command("cobra_scale.train.configs:EvalConfig", "cobra_scale.eval.run_eval:run"),
+        "compare": Command("cobra_scale.eval.configs:CompareConfig", "cobra_scale.eval.compare:run"),
         "coldstart": Command("cobra_scale.eval.configs:ColdStartConfig", "cobra_scale.eval.cold_start:run"),
         "recommend": Command("cobra_scale.train.configs:RecommendConfig", "cobra_scale.retrieve.recommend_cli:run"),
         "serve": Command("cobra_scale.serve.configs:ServeConfig", "cobra_scale.serve.run_serve:run"),

@@ -44,6 +44,7 @@ class SettingsResult:
     means: dict[str, UserMeans]  # setting name -> accumulated per-user values
     users: int  # users scored (with or without a target)
     seconds: float  # wall time of the pass (model loading on workers included)
+    per_user: dict[str, np.ndarray] | None = None  # with keep_users: every column of score_batch, (U,) in user order
 
     def table(self, confidence: float = 0.95) -> dict[str, dict]:
         """``{setting: {"metrics": {name: mean}, "ci": {name: half-width}, "users": n}}``."""
@@ -93,11 +94,22 @@ def diversity_sids(path: str | Path, item_ids: np.ndarray) -> np.ndarray:
     return sids[at]
 
 
+def _gather(parts: list[dict[str, np.ndarray]], n: int) -> dict[str, np.ndarray]:
+    """Per-user columns of batches that carry their users' ``row`` (0..n-1, any order), as (n,) arrays in row order."""
+    if not parts:
+        return {}
+    rows = np.concatenate([np.asarray(b["row"], dtype=np.int64) for b in parts]) if parts else np.zeros(0, np.int64)
+    if len(rows) != n or not np.array_equal(np.sort(rows), np.arange(n)):
+        raise RuntimeError(f"per-user results cover {len(np.unique(rows))} distinct rows of {n} users")
+    order = np.argsort(rows, kind="stable")
+    return {key: np.concatenate([np.asarray(b[key]) for b in parts])[order] for key in parts[0] if key != "row"}
+
+
 def _accumulate(result: dict[str, UserMeans], columns: dict[str, np.ndarray]) -> None:
     keep = np.asarray(columns["has_target"], dtype=bool)
     grouped: dict[str, dict[str, np.ndarray]] = {}
     for key, v in columns.items():
-        if key == "has_target" or "/" not in key:
+        if key in ("has_target", "row") or "/" not in key:
             continue
         setting, metric = key.rsplit("/", 1)
         grouped.setdefault(setting, {})[metric] = v
@@ -114,14 +126,20 @@ def evaluate_local(
     batch_users: int = 256,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    keep_users: bool = False,
 ) -> SettingsResult:
-    """Score every setting on every user, in this process."""
+    """Score every setting on every user, in this process (``keep_users``: also return the per-user values)."""
     started = time.perf_counter()
     means: dict[str, UserMeans] = {}
+    parts: list[dict[str, np.ndarray]] = []
     starts = range(0, len(targets), batch_users)
     for lo in tqdm(starts, desc=f"eval {len(settings)} setting(s)", unit="batch", disable=not progress, leave=False):
-        _accumulate(means, score_batch(rec, history[lo : lo + batch_users], targets[lo : lo + batch_users], settings, ks, device))
-    return SettingsResult(means, len(targets), time.perf_counter() - started)
+        columns = score_batch(rec, history[lo : lo + batch_users], targets[lo : lo + batch_users], settings, ks, device)
+        _accumulate(means, columns)
+        if keep_users:
+            parts.append({**columns, "row": np.arange(lo, lo + len(columns["has_target"]))})
+    per_user = _gather(parts, len(targets)) if keep_users else None
+    return SettingsResult(means, len(targets), time.perf_counter() - started, per_user)
 
 
 def pack_users(history: torch.Tensor, targets: list[np.ndarray]) -> np.ndarray:
@@ -159,7 +177,7 @@ class RecommenderActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         history, targets = unpack_users(batch["data"], self.history_len)
-        return score_batch(self.rec, history, targets, self.settings, self.ks, self.device)
+        return {**score_batch(self.rec, history, targets, self.settings, self.ks, self.device), "row": batch["data"][:, 0]}
 
 
 def evaluate_ray(
@@ -177,8 +195,10 @@ def evaluate_ray(
     address: str | None = None,
     progress: bool = True,
     diversity_ids: str | None = None,
+    keep_users: bool = False,
 ) -> SettingsResult:
-    """Score every setting on every user with a Ray Data pool of ``workers`` actors."""
+    """Score every setting on every user with a Ray Data pool of ``workers`` actors (``keep_users``: also return the
+    per-user values, put back in user order from each row's index)."""
     from cobra_scale.distributed import init_ray
 
     started = time.perf_counter()
@@ -210,12 +230,16 @@ def evaluate_ray(
             num_gpus=worker_gpus,
         )
         means: dict[str, UserMeans] = {}
+        parts: list[dict[str, np.ndarray]] = []
         for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
             _accumulate(means, batch)
+            if keep_users:
+                parts.append(batch)
     finally:
         if not was_running:
             ray.shutdown()
-    return SettingsResult(means, len(targets), time.perf_counter() - started)
+    per_user = _gather(parts, len(targets)) if keep_users else None
+    return SettingsResult(means, len(targets), time.perf_counter() - started, per_user)
 
 
 def _ray_running() -> bool:

@@ -37,3 +37,35 @@ class ColdStartConfig:
             raise ConfigError("liger_beams and batch_users must be > 0, max_users and max_segment_users >= 0")
         if self.split_name not in ("valid", "test"):
             raise ConfigError(f"split_name must be valid or test, got {self.split_name!r}")
+
+
+@dataclass
+class CompareConfig:
+    """``cobra compare``: the paired difference B − A of two evaluations over the same users.
+
+    A and B are ``per_user_<split>.parquet`` files of ``cobra eval per_user=true`` (or the
+    folders holding one). Each metric's mean difference gets a paired normal interval and a
+    paired bootstrap interval over users: whether a gap between two runs exceeds the sampling
+    of the users and their targets.
+    """
+
+    a: str = field(help="per-user file of run A (or its eval folder)")
+    b: str = field(help="per-user file of run B (or its eval folder)")
+    split_name: str = field("test", help="valid | test: which per_user_<split_name>.parquet to read from a folder")
+    setting: str = field("cobra", help="the setting (mode, e.g. cobra, cobra|masked, sparse_only) compared in A")
+    setting_b: Optional[str] = field(None, help="the setting compared in B (default: the same as A's)")
+    metrics: list = field(["recall@10", "ndcg@10"], help="metrics compared, each on its own")
+    combined: bool = field(True, help="also compare the per-user sum of the metrics (e.g. R@10 + N@10) when there are several")
+    intersect: bool = field(False, help="compare on the users both files scored; by default the two user sets must be equal")
+    resamples: int = field(10_000, help="bootstrap resamples of the users")
+    confidence: float = field(0.95, help="level of both intervals")
+    seed: int = field(0, help="seed of the bootstrap")
+    out: Optional[str] = field(None, help="also write the result as JSON here")
+
+    def __post_init__(self) -> None:
+        if not self.metrics:
+            raise ConfigError("metrics must name at least one metric, e.g. metrics=[recall@10,ndcg@10]")
+        if self.resamples < 1 or not 0 < self.confidence < 1:
+            raise ConfigError("resamples must be >= 1 and confidence in (0, 1)")
+        if self.split_name not in ("valid", "test"):
+            raise ConfigError(f"split_name must be valid or test, got {self.split_name!r}")

@@ -255,3 +255,47 @@ def topk_with_exclusion(
                 rows = torch.repeat_interleave(torch.arange(n_rows), lengths).to(scores.device)
                 scores[rows, torch.cat(cols).to(scores.device)] = float("-inf")
     return torch.topk(scores, k, dim=1).indices
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0, chunk: int = 250) -> dict:
+    """The mean of ``b - a`` over the same users, with two intervals for it.
+
+    ``a`` and ``b`` (U,) hold one per-user value of two models (or configs) scored on the same
+    users in the same order. ``normal``: mean ± z·s_d/√U over the per-user differences d (the
+    paired interval: the users' shared difficulty cancels). ``bootstrap``: the percentile interval
+    of the mean difference over ``resamples`` resamples of the users with replacement (seeded),
+    which makes no normality assumption. Both measure the sampling error of the *users and targets*,
+    not a model's seed-to-seed variance.
+    """
+    from statistics import NormalDist
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired values must be two (U,) arrays of one length, got {a.shape} and {b.shape}")
+    n = len(a)
+    if n < 2:
+        raise ValueError(f"a paired difference needs at least 2 users, got {n}")
+    if not 0 < confidence < 1 or resamples < 1:
+        raise ValueError("confidence must be in (0, 1) and resamples >= 1")
+    d = b - a
+    mean = float(d.mean())
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    half = z * float(d.std(ddof=1)) / n**0.5
+    rng = np.random.default_rng(seed)
+    boots = np.empty(resamples)
+    for lo in range(0, resamples, chunk):
+        m = min(chunk, resamples - lo)
+        boots[lo : lo + m] = d[rng.integers(0, n, size=(m, n))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    lo_q, hi_q = np.quantile(boots, [alpha, 1 - alpha])
+    return {
+        "users": n,
+        "mean_a": float(a.mean()),
+        "mean_b": float(b.mean()),
+        "diff": mean,
+        "normal": [mean - half, mean + half],
+        "bootstrap": [float(lo_q), float(hi_q)],
+        "bootstrap_p_le_0": float((boots <= 0).mean()),
+        "users_b_better": int((d > 0).sum()),
+        "users_a_better": int((d < 0).sum()),
+    }

@@ -75,12 +75,15 @@ def run(cfg: EvalConfig) -> dict:
     target_all = valid_all if cfg.split_name == "valid" else load_examples(split_dir / cfg.split_name, catalogue, max_hist)
     target = target_all.sample(cfg.max_users, cfg.seed)
 
-    def score(users, settings, label):
+    def score(users, settings, label, keep_users=False):
         if cfg.workers > 0:
             res = evaluate_ray(cfg.run, cfg.index, users.history, users.targets, settings, ks, cfg.batch_users, cfg.workers,
-                               cfg.worker_cpus, cfg.worker_gpus, cfg.device, cfg.ray_address, diversity_ids=cfg.diversity_ids)
+                               cfg.worker_cpus, cfg.worker_gpus, cfg.device, cfg.ray_address, diversity_ids=cfg.diversity_ids,
+                               keep_users=keep_users)
         else:
-            res = evaluate_local(rec, users.history, users.targets, settings, ks, cfg.batch_users, device)
+            res = evaluate_local(rec, users.history, users.targets, settings, ks, cfg.batch_users, device, keep_users=keep_users)
+        if keep_users:
+            per_user.update(res.per_user)
         passes.append({"pass": label, "users": res.users, "settings": len(settings), "seconds": round(res.seconds, 2),
                        "users_per_s": round(res.users / res.seconds, 1) if res.seconds else None,
                        "user_settings_per_s": round(res.users * len(settings) / res.seconds, 1) if res.seconds else None})
@@ -88,6 +91,7 @@ def run(cfg: EvalConfig) -> dict:
         return res.table(cfg.confidence)
 
     passes: list[dict] = []
+    per_user: dict = {}
     base = inference_params(tcfg.inference)
     taus = [float(t) for t in cfg.grid_tau] or [base.tau]
     psis = [float(p) for p in cfg.grid_psi] or [base.psi]
@@ -125,7 +129,7 @@ def run(cfg: EvalConfig) -> dict:
     sweep_taus = [float(t) for t in cfg.tau_sweep]
     cobra_p = chosen.get("cobra", replace(base, mode="cobra"))
     settings += [Setting(f"sweep|tau={t:g}", replace(cobra_p, tau=t)) for t in sweep_taus]
-    table = score(target, settings, f"{cfg.split_name}")
+    table = score(target, settings, f"{cfg.split_name}", keep_users=cfg.per_user)
 
     results: dict = {
         "run": str(cfg.run),
@@ -168,6 +172,8 @@ def run(cfg: EvalConfig) -> dict:
                                 "png": str(plot_tau_sweep(points, ks[0], out / f"tau_sweep_{cfg.split_name}.png"))}
     if cfg.plots:
         results["embeddings"] = embedding_plots(rec, out, cfg.plot_ids, cfg.plot_items, cfg.seed)
+    if cfg.per_user:
+        results["per_user"] = str(write_per_user(out / f"per_user_{cfg.split_name}.parquet", target.user_ids, per_user, [s.name for s in settings]))
     results["passes"] = passes
     results["wall_minutes"] = round((time.perf_counter() - started) / 60, 2)
     (out / f"eval_{cfg.split_name}.json").write_text(json.dumps(results, indent=2))
@@ -181,6 +187,22 @@ def run(cfg: EvalConfig) -> dict:
     summary["users"] = f"{results['users']} of {results['population']}"
     summary["out"] = str(out / f"eval_{cfg.split_name}.json")
     return summary
+
+
+def write_per_user(path: Path, user_ids, columns: dict, settings: list[str]) -> Path:
+    """The target pass's per-user values: ``user_id``, ``has_target`` and one float column per
+    ``<setting>/<metric>`` (the τ-sweep points left out), one row per scored user in sample order."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keep = [s for s in settings if not s.startswith("sweep|")]
+    data = {"user_id": pa.array(np.asarray(user_ids)), "has_target": pa.array(np.asarray(columns["has_target"], dtype=bool))}
+    for key in sorted(columns):
+        if key.rsplit("/", 1)[0] in keep:
+            data[key] = pa.array(np.asarray(columns[key], dtype=np.float64))
+    pq.write_table(pa.table(data), path)
+    return path
 
 
 def embedding_plots(rec, out: Path, n_ids: int, n_items: int, seed: int) -> dict:

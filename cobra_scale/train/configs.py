@@ -281,6 +281,8 @@ class EvalConfig:
         "for a w/o-Dense run on item-level IDs, so that models on different IDs are compared on one scale",
     )
     plots: bool = field(False, help="also draw the item-embedding figures (intra/inter-ID cosine heatmap, 2-D map by ID)")
+    per_user: bool = field(False, help="also write per_user_<split_name>.parquet: each scored user's metrics per mode (user_id, has_target, "
+                           "'<mode>/<metric>' columns), for paired comparisons of two runs over the same users (`cobra compare`)")
     plot_ids: int = field(16, help="embedding plots: the largest IDs drawn")
     plot_items: int = field(1500, help="embedding plots: items sampled for the 2-D map")
 

@@ -118,8 +118,14 @@ def test_ray_path_equals_local_path(run):
     settings = [Setting("cobra", InferenceParams(beams=8)), Setting("nf|masked", InferenceParams(mode="no_fusion", exclude_history=True))]
     ks = (5, 10, 20)
     local = evaluate_local(rec, users.history, users.targets, settings, ks, batch_users=32, progress=False)
-    remote = evaluate_ray(str(run), None, users.history, users.targets, settings, ks, batch_users=32, workers=2, worker_cpus=0.5, progress=False)
+    remote = evaluate_ray(str(run), None, users.history, users.targets, settings, ks, batch_users=32, workers=2, worker_cpus=0.5, progress=False,
+                          keep_users=True)
     assert remote.users == local.users == 120
+    # per-user values come back in user order from the actors (as the local loop's)
+    mine = evaluate_local(rec, users.history, users.targets, settings, ks, batch_users=32, progress=False, keep_users=True).per_user
+    assert mine.keys() == remote.per_user.keys()
+    for key, v in mine.items():
+        np.testing.assert_allclose(remote.per_user[key], v, atol=1e-9)
     a, b = local.table(), remote.table()
     assert a.keys() == b.keys()
     for name in a:
@@ -247,3 +253,80 @@ def test_valid_unseen_scores_only_users_the_checkpoint_choice_did_not_see(tmp_pa
     capsys.readouterr()
     assert main(["eval", "--run", str(every), "--split-name", "valid", "valid_unseen=true", "modes=[cobra]"]) == 2
     assert "none is unseen" in capsys.readouterr().err
+
+
+def test_paired_difference_by_hand():
+    from cobra_scale.eval.metrics import paired_difference
+
+    a, b = np.array([0.0, 1.0, 0.0, 1.0, 0.0]), np.array([1.0, 1.0, 1.0, 0.0, 0.0])
+    r = paired_difference(a, b, resamples=2000)
+    d = b - a  # [1, 0, 1, -1, 0]: mean .2, sample sd sqrt(.7)
+    assert r["users"] == 5 and r["diff"] == pytest.approx(0.2) and r["mean_a"] == pytest.approx(0.4) and r["mean_b"] == pytest.approx(0.6)
+    half = 1.959964 * math.sqrt(np.var(d, ddof=1)) / math.sqrt(5)
+    assert r["normal"] == pytest.approx([0.2 - half, 0.2 + half], rel=1e-5)
+    assert r["bootstrap"][0] < 0.2 < r["bootstrap"][1] and -1 <= r["bootstrap"][0] and r["bootstrap"][1] <= 1
+    assert (r["users_b_better"], r["users_a_better"]) == (2, 1)
+    same = paired_difference(a, a + 0.1)  # a constant gap: both intervals collapse on it
+    assert same["normal"] == pytest.approx([0.1, 0.1]) and same["bootstrap"] == pytest.approx([0.1, 0.1]) and same["bootstrap_p_le_0"] == 0
+    with pytest.raises(ValueError):
+        paired_difference(a, b[:3])
+
+
+def test_per_user_values_match_the_means(run):
+    from cobra_scale.eval.batch import Setting, evaluate_local
+    from cobra_scale.retrieve.build import load_recommender
+    from cobra_scale.retrieve.recommender import InferenceParams
+    from cobra_scale.train.data import load_examples
+
+    rec, catalogue, tcfg, _ = load_recommender(run)
+    users = load_examples(run.parent / "data" / "splits" / "loo" / "test", catalogue, tcfg.model.max_items - 1)
+    res = evaluate_local(rec, users.history, users.targets, [Setting("c", InferenceParams(beams=4))], (5, 10), batch_users=16,
+                         progress=False, keep_users=True)
+    keep = res.per_user["has_target"]
+    assert len(keep) == len(users.targets) and keep.sum() == res.table()["c"]["users"]
+    for name, v in res.table()["c"]["metrics"].items():
+        assert res.per_user[f"c/{name}"][keep].mean() == pytest.approx(v, abs=1e-12)
+    assert evaluate_local(rec, users.history[:4], users.targets[:4], [Setting("c", InferenceParams(beams=4))], (5,), progress=False).per_user is None
+
+
+def test_eval_per_user_file_and_compare(run, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    outs = []
+    for beams in (2, 8):
+        out = tmp_path / f"b{beams}"
+        assert main(["eval", "--run", str(run), "--out", str(out), "--max-users", "60", "--exclude-history", f"grid_beams=[{beams}]",
+                     "per_user=true", "tau_sweep=[1]"]) == 0
+        outs.append(out)
+    table = pq.read_table(outs[0] / "per_user_test.parquet")
+    res = json.loads((outs[0] / "eval_test.json").read_text())
+    assert table.num_rows == 60 and res["per_user"].endswith("per_user_test.parquet")
+    assert {"user_id", "has_target", "cobra/recall@10", "cobra|masked/ndcg@5"} <= set(table.column_names)
+    assert not any(c.startswith("sweep|") for c in table.column_names)  # the tau sweep is left out
+    has = np.asarray(table.column("has_target"))
+    assert np.asarray(table.column("cobra/recall@10"))[has].mean() == pytest.approx(res["modes"]["cobra"]["history_not_masked"]["recall@10"])
+    capsys.readouterr()
+    report = tmp_path / "cmp.json"
+    assert main(["compare", "--a", str(outs[0]), "--b", str(outs[1]), "--out", str(report), "resamples=500"]) == 0
+    cmp = json.loads(report.read_text())
+    both = cmp["metrics"]["recall@10 + ndcg@10"]
+    r10 = cmp["metrics"]["recall@10"]
+    assert cmp["users"] == int(has.sum()) and r10["mean_a"] == pytest.approx(res["modes"]["cobra"]["history_not_masked"]["recall@10"])
+    assert both["diff"] == pytest.approx(r10["diff"] + cmp["metrics"]["ndcg@10"]["diff"])
+    assert main(["compare", "--a", str(outs[0]), "--b", str(outs[0]), "--setting-b", "cobra|masked", "resamples=100"]) == 0
+    # a run against itself: no difference, zero-width intervals
+    assert main(["compare", "--a", str(outs[0]), "--b", str(outs[0]), "--out", str(report), "resamples=100"]) == 0
+    assert json.loads(report.read_text())["metrics"]["recall@10"]["bootstrap"] == [0.0, 0.0]
+    capsys.readouterr()
+    # user mistakes: a missing setting, other users, no per-user file
+    assert main(["compare", "--a", str(outs[0]), "--b", str(outs[1]), "--setting", "liger"]) == 2
+    assert "no column 'liger/recall@10'" in capsys.readouterr().err
+    other = tmp_path / "other"
+    assert main(["eval", "--run", str(run), "--out", str(other), "--max-users", "40", "grid_beams=[2]", "per_user=true"]) == 0
+    capsys.readouterr()
+    assert main(["compare", "--a", str(outs[0]), "--b", str(other)]) == 2
+    assert "scored different users" in capsys.readouterr().err
+    assert main(["compare", "--a", str(outs[0]), "--b", str(other), "intersect=true", "resamples=100"]) == 0
+    capsys.readouterr()
+    assert main(["compare", "--a", str(tmp_path), "--b", str(outs[1])]) == 2
+    assert "per_user=true" in capsys.readouterr().err
