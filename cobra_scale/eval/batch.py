@@ -98,7 +98,7 @@ def _gather(parts: list[dict[str, np.ndarray]], n: int) -> dict[str, np.ndarray]
     """Per-user columns of batches that carry their users' ``row`` (0..n-1, any order), as (n,) arrays in row order."""
     if not parts:
         return {}
-    rows = np.concatenate([np.asarray(b["row"], dtype=np.int64) for b in parts]) if parts else np.zeros(0, np.int64)
+    rows = np.concatenate([np.asarray(b["row"], dtype=np.int64) for b in parts])
     if len(rows) != n or not np.array_equal(np.sort(rows), np.arange(n)):
         raise RuntimeError(f"per-user results cover {len(np.unique(rows))} distinct rows of {n} users")
     order = np.argsort(rows, kind="stable")

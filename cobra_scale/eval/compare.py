@@ -10,7 +10,6 @@ sampling; this is the check for it.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,6 @@ import numpy as np
 from cobra_scale.errors import DataError
 from cobra_scale.eval.configs import CompareConfig
 from cobra_scale.eval.metrics import paired_difference
-
-log = logging.getLogger(__name__)
 
 
 def _read(path: str, split_name: str):

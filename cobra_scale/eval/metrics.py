@@ -267,8 +267,6 @@ def paired_difference(a: np.ndarray, b: np.ndarray, confidence: float = 0.95, re
     which makes no normality assumption. Both measure the sampling error of the *users and targets*,
     not a model's seed-to-seed variance.
     """
-    from statistics import NormalDist
-
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"paired values must be two (U,) arrays of one length, got {a.shape} and {b.shape}")
@@ -279,8 +277,9 @@ def paired_difference(a: np.ndarray, b: np.ndarray, confidence: float = 0.95, re
         raise ValueError("confidence must be in (0, 1) and resamples >= 1")
     d = b - a
     mean = float(d.mean())
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    half = z * float(d.std(ddof=1)) / n**0.5
+    acc = UserMeans()  # the same normal interval as every reported mean, here of the per-user differences
+    acc.update({"d": d}, np.ones(n, dtype=bool))
+    half = acc.half_width(confidence)["d"]
     rng = np.random.default_rng(seed)
     boots = np.empty(resamples)
     for lo in range(0, resamples, chunk):
