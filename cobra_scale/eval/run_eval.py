@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("cobra", "no_fusion", "dense_only", "sparse_only", "liger")
 # the inference parameters each mode's ranking depends on (no_fusion always takes 1 beam; dense_only none)
-GRID_PARAMS = {"cobra": ("tau", "psi", "beams", "normalize", "prior_weight"), "sparse_only": ("beams",), "liger": ("beams",)}
+GRID_PARAMS = {"cobra": ("tau", "psi", "beams", "normalize", "prior_weight", "free_query_weight"), "sparse_only": ("beams",), "liger": ("beams",)}
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -98,12 +98,16 @@ def run(cfg: EvalConfig) -> dict:
     beam_counts = [int(b) for b in cfg.grid_beams] or [base.beams]
     norms = [str(n) for n in cfg.grid_normalize] or [base.normalize]
     weights = [float(w) for w in cfg.grid_prior_weight] or [base.prior_weight]
+    free_weights = [float(w) for w in cfg.grid_free_query_weight] or [base.free_query_weight]
+    if "cobra" in modes and max(free_weights) > 0 and not tcfg.model.history_dense_weight > 0:
+        raise ConfigError(f"free_query_weight > 0 needs a run trained with model.history_dense_weight > 0 ({cfg.run} has "
+                          f"{tcfg.model.history_dense_weight}): its ID-free dense vector is otherwise untrained")
     if "cobra" in modes and max(weights) > 0:
         from cobra_scale.retrieve.prior import load_or_build
 
         rec.prior = load_or_build(cfg.run, catalogue.item_ids)  # saved in <run>/prior: Ray actors load it from there
         log.info("transition prior: %d items, %d transitions", rec.prior.spec.items, rec.prior.matrix.nnz)
-    values = {"tau": taus, "psi": psis, "beams": beam_counts, "normalize": norms, "prior_weight": weights}
+    values = {"tau": taus, "psi": psis, "beams": beam_counts, "normalize": norms, "prior_weight": weights, "free_query_weight": free_weights}
     chosen: dict = {}
     selection: dict[str, list[dict]] = {}
     for m in modes:
@@ -153,7 +157,7 @@ def run(cfg: EvalConfig) -> dict:
     }
     for m in modes:
         entry = {"chosen_on_valid": {"tau": chosen[m].tau, "psi": chosen[m].psi, "beams": chosen[m].beams, "normalize": chosen[m].normalize,
-                                     "prior_weight": chosen[m].prior_weight}}
+                                     "prior_weight": chosen[m].prior_weight, "free_query_weight": chosen[m].free_query_weight}}
         if m in selection:
             entry["valid_grid"] = selection[m]
         entry["history_not_masked"] = table[m]["metrics"]

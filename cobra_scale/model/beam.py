@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cobra_scale.model.cobra import CobraModel
 
@@ -71,6 +72,18 @@ class Beams:
     scores: torch.Tensor  # (B, M) sum of code log-probs; -inf for invalid beams
     dense: torch.Tensor | None  # (B, M, d) dense vector predicted for each beam's ID
     sids: torch.Tensor  # (B, M) packed IDs
+    free: torch.Tensor | None = None  # (B, d) the ID-free dense vector (before the codes), with ``free_query=True``
+
+    def query(self, free_weight: float = 0.0) -> torch.Tensor:
+        """(B, M, d) each beam's query inside its ID: the vector for that ID (the paper), or with ``free_weight`` w > 0
+        ``normalize((1 - w) v(ID) + w v_free)`` (beyond the paper; needs ``free_query=True`` in :func:`beam_search`)."""
+        if not 0 <= free_weight <= 1:
+            raise ValueError(f"free_weight must lie in [0, 1], got {free_weight}")
+        if free_weight == 0:
+            return self.dense
+        if self.dense is None or self.free is None:
+            raise ValueError("a free_weight > 0 needs the beams' dense vectors and the ID-free one (beam_search(..., free_query=True))")
+        return F.normalize((1 - free_weight) * self.dense + free_weight * self.free[:, None, :].to(self.dense.dtype), dim=-1)
 
 
 @torch.no_grad()
@@ -83,6 +96,7 @@ def beam_search(
     beams: int,
     with_dense: bool = True,
     last_items: torch.Tensor | None = None,
+    free_query: bool = False,
 ) -> Beams:
     """M-beam search over the code levels for a batch of histories.
 
@@ -93,6 +107,8 @@ def beam_search(
         last_items: (B,) catalogue index of each history's most recent item (-1 = none), or (B, n) the histories
             themselves (left-padded, most recent last); needed by a model with ``successor_embedding``, whose rows of
             the last ``successor_context`` items then join every hidden state of the next item.
+        free_query: also return ``Beams.free``, the model's ID-free dense prediction from the position before the
+            codes (the head that ``model.history_dense_weight`` trains), for :meth:`Beams.query`.
     """
     L, K = masks.levels, masks.codes
     h, cache, pos = model.start(codes, vectors, valid)
@@ -100,6 +116,7 @@ def beam_search(
     shift = model.successor_shift(last_items)  # (B, d) or None
     if shift is not None:
         h = h + shift.to(h.dtype)
+    h0 = h  # the position before the next item's codes
     hist, rec = _history(model, codes, valid)
     lp = _level_logprobs(model, h, 0, torch.zeros(b, dtype=torch.long, device=h.device), masks, hist[0] if hist else None, rec)  # (B, K)
     m0 = min(beams, K)
@@ -135,12 +152,13 @@ def beam_search(
         if dense_shift is not None:
             hb = hb + dense_shift.repeat_interleave(m, dim=0).to(hb.dtype)
         dense = model.dense_prediction(hb).view(b, m, -1)
+    free = model.dense_prediction(h0) if (free_query and dense is not None) else None  # as history_dense_weight trains it
     ok = torch.isfinite(scores)
     seqs = seqs.masked_fill(~ok[:, :, None], 0)
     sids = torch.zeros_like(scores, dtype=torch.long)
     for j in range(L):
         sids = sids * K + seqs[:, :, j]
-    return Beams(seqs, scores, dense, sids)
+    return Beams(seqs, scores, dense, sids, free)
 
 
 @torch.no_grad()

@@ -37,6 +37,9 @@ class InferenceParams:
     exclude_history: bool = False  # mask the user's own history items from the ranking
     prior_weight: float = 0.0  # cobra mode: weight of the transition prior mixed into BeamFusion (retrieve/prior.py; 0 = the paper)
     prior_candidates: int = 200  # the prior's top items that join COBRA's candidates when prior_weight > 0
+    # cobra mode: weight w of the model's ID-free dense vector in each beam's query, normalize((1-w) v(ID) + w v_free)
+    # (Beams.query; 0 = the paper's vector for that ID; needs a model trained with model.history_dense_weight > 0)
+    free_query_weight: float = 0.0
 
 
 class Recommender:
@@ -108,13 +111,15 @@ class Recommender:
         if mode in ("cobra", "no_fusion", "dense_only", "liger") and self.index is None:
             raise ValueError(f"mode {mode} needs dense item vectors; this model was trained without them (use sparse_only)")
         self._check_prior(params)
+        self._check_free_query(params)
         codes, vectors, valid = self._history_inputs(history)
         exclude = history if params.exclude_history else None
         if mode == "dense_only":
             h, _, _ = self.model.start(codes, vectors, valid)
             return self._search(self.model.dense_prediction(self.model.with_successor(h, history, dense=True)), k, exclude, history)
         beams = beam_search(
-            self.model, codes, vectors, valid, self.masks, params.beams if mode != "no_fusion" else 1, with_dense=mode != "sparse_only", last_items=history
+            self.model, codes, vectors, valid, self.masks, params.beams if mode != "no_fusion" else 1, with_dense=mode != "sparse_only", last_items=history,
+            free_query=params.free_query_weight > 0,
         )
         b, m = beams.scores.shape
         if mode == "no_fusion":
@@ -123,7 +128,7 @@ class Recommender:
             return self._liger(beams, k, exclude)
         if mode == "sparse_only":
             return self._sparse_ranking(beams, k, exclude)
-        candidates = self._cobra_candidates(beams)
+        candidates = self._cobra_candidates(beams, params.free_query_weight)
         return self._fuse(self._exclude(candidates, exclude), k, params, self._prior_top(history, [params]), exclude, self.model.history_item_offsets(candidates[1], history))
 
     def _check_prior(self, params: InferenceParams) -> None:
@@ -136,6 +141,16 @@ class Recommender:
                 raise ValueError("prior_weight > 0 needs a transition prior (build one with `cobra prior --run RUN`)")
             if params.prior_candidates < 1:
                 raise ValueError("prior_candidates must be >= 1")
+
+    def _check_free_query(self, params: InferenceParams) -> None:
+        if not 0 <= params.free_query_weight <= 1:
+            raise ValueError(f"free_query_weight must lie in [0, 1], got {params.free_query_weight}")
+        if params.free_query_weight > 0:
+            if params.mode != "cobra":
+                raise ValueError(f"free_query_weight applies to mode cobra, not {params.mode}")
+            if not self.model.cfg.history_dense_weight > 0:
+                raise ValueError("free_query_weight > 0 needs a model trained with model.history_dense_weight > 0 "
+                                 "(its ID-free dense vector is otherwise untrained)")
 
     def _prior_top(self, history: torch.Tensor, settings: list[InferenceParams]):
         """The prior's top items of each user (items, p), for the largest ``prior_candidates`` asked, or None."""
@@ -152,10 +167,10 @@ class Recommender:
             scores = scores.masked_fill(hit.any(-1), float("-inf"))
         return _topk_padded(items, scores, k)
 
-    def _cobra_candidates(self, beams):
-        """Candidates of every beam's ID and their cosine with that beam's dense vector: (B, M, C) each."""
+    def _cobra_candidates(self, beams, free_query_weight: float = 0.0):
+        """Candidates of every beam's ID and their cosine with that beam's query (:meth:`Beams.query`): (B, M, C) each."""
         b, m = beams.scores.shape
-        cand, cos = self.index.search_in_ids(beams.dense.reshape(b * m, -1), beams.sids.view(-1))
+        cand, cos = self.index.search_in_ids(beams.query(free_query_weight).reshape(b * m, -1), beams.sids.view(-1))
         cand, cos = cand.view(b, m, -1), cos.view(b, m, -1)
         cos = cos.masked_fill(~torch.isfinite(beams.scores)[:, :, None], float("-inf"))
         return beams.scores, cand, cos
@@ -221,6 +236,7 @@ class Recommender:
         shared: dict[tuple[str, int], list[int]] = {}
         for p in settings:
             self._check_prior(p)
+            self._check_free_query(p)
         prior_top = self._prior_top(history, settings)
         for i, p in enumerate(settings):
             if (p.mode == "cobra" and self.index is not None) or (p.mode == "sparse_only" and self.sid_to_item is not None):
@@ -229,16 +245,21 @@ class Recommender:
                 out[i] = self.recommend(history, k, p)
         codes, vectors, valid = self._history_inputs(history) if shared else (None, None, None)
         for (mode, beams_m), members in shared.items():
-            beams = beam_search(self.model, codes, vectors, valid, self.masks, beams_m, with_dense=mode == "cobra", last_items=history)
+            free = any(settings[i].free_query_weight > 0 for i in members)
+            beams = beam_search(self.model, codes, vectors, valid, self.masks, beams_m, with_dense=mode == "cobra", last_items=history, free_query=free)
             if mode == "sparse_only":
                 for i in members:
                     out[i] = self._sparse_ranking(beams, k, history if settings[i].exclude_history else None)
                 continue
-            candidates = self._cobra_candidates(beams)
-            shift = self.model.history_item_offsets(candidates[1], history)  # dense_repeat_bias, or None
+            by_query: dict[float, list[int]] = {}  # one candidate search per query (free_query_weight)
             for i in members:
-                exclude = history if settings[i].exclude_history else None
-                out[i] = self._fuse(self._exclude(candidates, exclude), k, settings[i], prior_top, exclude, shift)
+                by_query.setdefault(settings[i].free_query_weight, []).append(i)
+            for weight, group in by_query.items():
+                candidates = self._cobra_candidates(beams, weight)
+                shift = self.model.history_item_offsets(candidates[1], history)  # dense_repeat_bias, or None
+                for i in group:
+                    exclude = history if settings[i].exclude_history else None
+                    out[i] = self._fuse(self._exclude(candidates, exclude), k, settings[i], prior_top, exclude, shift)
         return out
 
     def _liger(self, beams, k: int, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,6 +50,9 @@ class Settings(BaseModel):
     exclude_history: bool = False
     prior_weight: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
                                 description="mode cobra: weight of the run's transition prior (`cobra prior`) mixed into BeamFusion; 0 = the paper's COBRA")
+    free_query_weight: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+                                     description="mode cobra: weight of the model's ID-free dense vector in each beam's query inside its ID "
+                                     "(a model trained with model.history_dense_weight > 0); 0 = the paper's COBRA")
     max_batch_size: int = Field(32, ge=1, description="requests per batched beam search (1 = no batching)")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default)")
@@ -137,7 +140,12 @@ class ModelEngine:
         weight = settings.prior_weight if mode == "cobra" else 0.0
         if weight > 0 and self.recommender.prior is None:
             raise Refusal(503, f"prior_weight is {weight} but the served run has no transition prior (build it: `cobra prior --run {self.run}`)")
-        params = InferenceParams(mode, int(pick("beams")), float(pick("tau")), float(pick("psi")), settings.normalize, bool(pick("exclude_history")), weight)
+        free = settings.free_query_weight if mode == "cobra" else 0.0
+        if free > 0 and not self.recommender.model.cfg.history_dense_weight > 0:
+            raise Refusal(503, f"free_query_weight is {free} but the served model was trained without model.history_dense_weight "
+                               "(its ID-free dense vector is untrained): set free_query_weight to 0 in the deployment's user_config")
+        params = InferenceParams(mode, int(pick("beams")), float(pick("tau")), float(pick("psi")), settings.normalize, bool(pick("exclude_history")), weight,
+                                 free_query_weight=free)
         return Prepared(idx, int(request.get("k", 10)), params)
 
     # ------------------------------------------------------------------ batched
@@ -176,6 +184,7 @@ class ModelEngine:
             "tau": p.tau,
             "psi": p.psi,
             "prior_weight": p.prior_weight,
+            "free_query_weight": p.free_query_weight,
             "history_length": int(len(req.history)),
         }
 

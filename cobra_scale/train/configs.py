@@ -24,6 +24,11 @@ class InferenceConfig:
         0.0, help="cobra mode: weight λ of the run's item-to-item transition prior (`cobra prior`) mixed into BeamFusion, "
         "(1-λ)·BeamFusion + λ·prior; 0 = the paper's COBRA (a hybrid beyond the paper when > 0)",
     )
+    free_query_weight: float = field(
+        0.0, help="cobra mode: weight w of the model's ID-free dense vector (the head model.history_dense_weight trains, before "
+        "the ID's codes) in each beam's query inside its ID, normalize((1-w)·v(ID) + w·v_free); 0 = the paper's vector for "
+        "that ID (beyond the paper when > 0)",
+    )
 
     max_per_id: int = field(
         0, help="N, candidates per beam's ID scored by BeamFusion: the best N by cosine (0 = every item of the ID; cap it when "
@@ -36,6 +41,8 @@ class InferenceConfig:
             raise ConfigError("inference.max_per_id must be >= 0 (0 = every item of the ID)")
         if not 0 <= self.prior_weight <= 1:
             raise ConfigError("inference.prior_weight must lie in [0, 1]")
+        if not 0 <= self.free_query_weight <= 1:
+            raise ConfigError("inference.free_query_weight must lie in [0, 1]")
         if self.mode not in ("cobra", "no_fusion", "dense_only", "sparse_only", "liger"):
             raise ConfigError(f"inference.mode must be cobra|no_fusion|dense_only|sparse_only|liger, got '{self.mode}'")
         if self.beams <= 0:
@@ -263,6 +270,8 @@ class EvalConfig:
     grid_beams: list = field([], help="beam counts tried on valid (empty = the run's); one value sets it (cobra, sparse_only, liger)")
     grid_normalize: list = field([], help="BeamFusion normalisations tried on valid: per_beam and/or global (empty = the run's)")
     grid_prior_weight: list = field([], help="weights of the transition prior tried on valid, in [0, 1] (empty = the run's, 0); a weight > 0 counts <run>/prior if missing")
+    grid_free_query_weight: list = field([], help="weights of the model's ID-free dense vector in each beam's query tried on valid, in "
+                                         "[0, 1] (empty = the run's, 0 = the paper); > 0 needs model.history_dense_weight > 0")
     modes: list = field(["cobra"], help="inference modes to report")
     ks: list = field([5, 10], help="cut-offs K of Recall/NDCG/diversity@K (e.g. ks=[50,100,200,500,800])")
     select_on: str = field("", help="validation metric that picks tau/psi/beams (default ndcg@10, else ndcg@<smallest K>)")
@@ -306,6 +315,12 @@ class EvalConfig:
             raise ConfigError(f"grid_prior_weight takes numbers in [0, 1], got {list(self.grid_prior_weight)}") from None
         if any(not 0 <= w <= 1 for w in weights):
             raise ConfigError(f"grid_prior_weight takes numbers in [0, 1], got {weights}")
+        try:
+            free = [float(w) for w in self.grid_free_query_weight]
+        except (TypeError, ValueError):
+            raise ConfigError(f"grid_free_query_weight takes numbers in [0, 1], got {list(self.grid_free_query_weight)}") from None
+        if any(not 0 <= w <= 1 for w in free):
+            raise ConfigError(f"grid_free_query_weight takes numbers in [0, 1], got {free}")
         if self.valid_users < -1:
             raise ConfigError("valid_users must be >= -1")
         if self.max_users < 0 or self.batch_users <= 0:

@@ -1,0 +1,133 @@
+"""``free_query_weight``: each beam's query inside its ID mixes the ID-conditioned vector with the model's ID-free one."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cobra_scale.cli import main
+from cobra_scale.errors import ConfigError
+from cobra_scale.model.beam import Beams, PrefixMasks, beam_search
+from cobra_scale.retrieve.recommender import InferenceParams, Recommender
+from cobra_scale.train.configs import EvalConfig, InferenceConfig
+from tests.model.test_cobra import catalogue, tiny_model
+
+
+def test_beams_query_by_hand():
+    dense = F.normalize(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), dim=-1)  # (B=1, M=2, d=2)
+    free = torch.tensor([[0.6, 0.8]])
+    beams = Beams(torch.zeros(1, 2, 1, dtype=torch.long), torch.zeros(1, 2), dense, torch.zeros(1, 2, dtype=torch.long), free)
+    assert torch.equal(beams.query(0.0), dense)
+    assert torch.allclose(beams.query(1.0), free[:, None, :].expand(1, 2, 2))
+    # w = .5: normalize(.5 (1, 0) + .5 (.6, .8)) = (.8, .4) / |(.8, .4)|
+    want = torch.tensor([0.8, 0.4]) / torch.tensor([0.8, 0.4]).norm()
+    assert torch.allclose(beams.query(0.5)[0, 0], want)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        beams.query(1.5)
+    with pytest.raises(ValueError, match="free_query=True"):
+        Beams(beams.codes, beams.scores, dense, beams.sids).query(0.5)
+
+
+def _rec(shared_ids: bool = False, **kw):
+    model = tiny_model(**kw)
+    tokens, mask, codes = catalogue()
+    if shared_ids:  # two IDs of six items each, so that the ranking inside an ID is tested
+        codes = torch.stack([torch.arange(12) % 2, torch.zeros(12, dtype=torch.long)], 1)
+    return Recommender(model, codes, model.encode_items(tokens, mask)), codes
+
+
+def test_free_vector_is_the_id_free_prediction_and_weight_zero_is_cobra():
+    rec, codes = _rec(shared_ids=True, history_dense_weight=1.0)
+    hist = torch.tensor([[-1, 2, 7], [5, 6, 3]])
+    c, v, valid = rec._history_inputs(hist)
+    beams = beam_search(rec.model, c, v, valid, PrefixMasks(codes.numpy(), rec.model.cfg.codes), 4, last_items=hist, free_query=True)
+    h, _, _ = rec.model.start(c, v, valid)
+    free = rec.model.dense_prediction(rec.model.with_successor(h, hist, dense=True))  # the dense_only query of this model
+    assert torch.allclose(beams.free, free, atol=1e-6)
+    assert torch.allclose(beams.query(1.0), free[:, None, :].expand_as(beams.dense), atol=1e-6)
+    plain = beam_search(rec.model, c, v, valid, PrefixMasks(codes.numpy(), rec.model.cfg.codes), 4, last_items=hist)
+    assert plain.free is None and torch.equal(plain.dense, beams.dense) and torch.equal(plain.sids, beams.sids)
+    # weight 0 is the paper's COBRA; weight 1 ranks inside each beam's ID by the ID-free vector
+    base = rec.recommend(hist, 5, InferenceParams("cobra", 4))
+    assert torch.equal(rec.recommend(hist, 5, InferenceParams("cobra", 4, free_query_weight=0.0))[0], base[0])
+    items, _ = rec.recommend(hist, 5, InferenceParams("cobra", 1, psi=50.0, free_query_weight=1.0))
+    top_id = beam_search(rec.model, c, v, valid, PrefixMasks(codes.numpy(), rec.model.cfg.codes), 1, last_items=hist).sids[:, 0]
+    for u in range(2):  # one beam: the top items are that ID's items in the order of their cosine with the ID-free vector
+        in_id = torch.nonzero(rec.sids == top_id[u]).view(-1)
+        order = in_id[torch.argsort(F.normalize(rec.vectors[in_id], dim=-1) @ free[u], descending=True)]
+        got = items[u][items[u] >= 0]
+        assert len(got) == 5 and got.tolist() == order[:5].tolist()
+    paper, _ = rec.recommend(hist, 5, InferenceParams("cobra", 1, psi=50.0))
+    assert not torch.equal(paper, items)  # the ID-conditioned vector orders the same IDs differently
+    # recommend_many shares the beam search across weights and equals separate calls
+    settings = [InferenceParams("cobra", 4, free_query_weight=w) for w in (0.0, 0.5, 1.0)]
+    for params, (got, _) in zip(settings, rec.recommend_many(hist, 5, settings)):
+        assert torch.equal(got, rec.recommend(hist, 5, params)[0])
+
+
+def test_free_query_refusals():
+    rec, _ = _rec()  # trained without history_dense_weight: its ID-free vector is untrained
+    hist = torch.tensor([[0, 1]])
+    with pytest.raises(ValueError, match="history_dense_weight"):
+        rec.recommend(hist, 3, InferenceParams("cobra", 4, free_query_weight=0.5))
+    rec, _ = _rec(history_dense_weight=1.0)
+    with pytest.raises(ValueError, match="mode cobra"):
+        rec.recommend(hist, 3, InferenceParams("no_fusion", 4, free_query_weight=0.5))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        rec.recommend_many(hist, 3, [InferenceParams("cobra", 4, free_query_weight=-0.1)])
+    with pytest.raises(ConfigError, match="free_query_weight"):
+        InferenceConfig(free_query_weight=2.0)
+    with pytest.raises(ConfigError, match="grid_free_query_weight"):
+        EvalConfig(run="r", grid_free_query_weight=[0, "x"])
+
+
+@pytest.fixture(scope="module")
+def hd_run(tmp_path_factory):
+    from tests.retrieve.fixtures import tiny_run
+
+    return tiny_run(tmp_path_factory.mktemp("fq"), "model.history_dense_weight=1")
+
+
+def test_eval_grid_over_free_query_weights(hd_run, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", "--run", str(hd_run), "--out", str(out), "--max-users", "60", "grid_beams=[8]",
+                 "grid_free_query_weight=[0,0.5,1]", "ks=[5,10,40]", "select_on=recall@40"]) == 0
+    res = json.loads((out / "eval_test.json").read_text())["modes"]["cobra"]
+    assert [g["free_query_weight"] for g in res["valid_grid"]] == [0, 0.5, 1]
+    best = max(res["valid_grid"], key=lambda g: g["recall@40"])
+    assert res["chosen_on_valid"]["free_query_weight"] == best["free_query_weight"]
+    # weight 0 of the grid is the plain run
+    plain = tmp_path / "plain"
+    assert main(["eval", "--run", str(hd_run), "--out", str(plain), "--max-users", "60", "grid_beams=[8]", "ks=[5,10,40]", "split_name=valid"]) == 0
+    zero = [g for g in res["valid_grid"] if g["free_query_weight"] == 0][0]
+    got = json.loads((plain / "eval_valid.json").read_text())["modes"]["cobra"]["history_not_masked"]["recall@40"]
+    assert np.isclose(got, zero["recall@40"])
+    # serving: the deployment's user_config sets the weight; the answer says which was used
+    from cobra_scale.serve.engine import ModelEngine, Settings
+
+    engine = ModelEngine(hd_run, "cpu")
+    item = int(engine.bundle.item_ids[0])
+    answer = engine.run_batch([engine.prepare({"items": [item], "k": 5}, Settings(run=str(hd_run), free_query_weight=0.5))])[0]
+    assert answer["free_query_weight"] == 0.5 and answer["items"]
+    paper = engine.run_batch([engine.prepare({"items": [item], "k": 5}, Settings(run=str(hd_run)))])[0]
+    assert paper["free_query_weight"] == 0.0
+    assert main(["recommend", "--run", str(hd_run), "--k", "3", "--users", "1", "inference.free_query_weight=0.5"]) == 0
+
+
+def test_eval_refuses_free_query_on_a_run_without_the_head(tmp_path, capsys):
+    from tests.retrieve.fixtures import tiny_run
+
+    run = tiny_run(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "grid_free_query_weight=[0,0.5]"]) == 2
+    assert "history_dense_weight" in capsys.readouterr().err
+    assert main(["recommend", "--run", str(run), "--k", "3", "--users", "1", "inference.free_query_weight=0.5"]) == 2
+    assert "history_dense_weight" in capsys.readouterr().err
+    from cobra_scale.serve.engine import ModelEngine, Refusal, Settings
+
+    engine = ModelEngine(run, "cpu")
+    with pytest.raises(Refusal) as refused:
+        engine.prepare({"items": [int(engine.bundle.item_ids[0])], "k": 5}, Settings(run=str(run), free_query_weight=0.5))
+    assert refused.value.status == 503 and "history_dense_weight" in refused.value.detail
