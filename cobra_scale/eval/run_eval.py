@@ -114,11 +114,13 @@ def run(cfg: EvalConfig) -> dict:
         # the grid's parameters that change mode m's ranking; a single point is applied, several are chosen on valid
         dims = GRID_PARAMS.get(m, ())
         points = [dict(zip(dims, p)) for p in itertools.product(*(values[d] for d in dims))]
+        # the cobra-only mixtures are off in the other modes, whatever the run's own inference config holds
+        mode_base = base if m == "cobra" else replace(base, prior_weight=0.0, free_query_weight=0.0)
         if len(points) <= 1:
-            chosen[m] = replace(base, mode=m, **(points[0] if points else {}))
+            chosen[m] = replace(mode_base, mode=m, **(points[0] if points else {}))
             continue
         settings = [Setting(f"grid|{m}|" + "|".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items()),
-                            replace(base, mode=m, **p)) for p in points]
+                            replace(mode_base, mode=m, **p)) for p in points]
         table = score(valid, settings, f"valid grid ({m})")
         best = max(settings, key=lambda s: table[s.name]["metrics"][select_on])
         chosen[m] = best.params

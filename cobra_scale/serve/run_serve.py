@@ -115,9 +115,17 @@ def _check(cfg: ServeConfig) -> None:
     from cobra_scale.serve.schemas import first_error_line
 
     try:
-        Settings(**{**base_settings(cfg, run.resolve()), **cfg.user_config})
+        settings = Settings(**{**base_settings(cfg, run.resolve()), **cfg.user_config})
     except ValidationError as exc:
         raise ConfigError(f"invalid recommender settings / user_config: {first_error_line(exc.errors())}") from exc
+    if settings.free_query_weight > 0:
+        from cobra_scale.config import load_config
+        from cobra_scale.train.configs import TrainConfig
+
+        trained = load_config(TrainConfig, run / "config.yaml")
+        if not trained.model.history_dense_weight > 0:
+            raise ConfigError(f"free_query_weight is {settings.free_query_weight} but {cfg.run} was trained without "
+                              "model.history_dense_weight (no trained ID-free dense vector): set it to 0")
     if cfg.host not in LOOPBACK_HOSTS:
         log.warning("binding HTTP to %s: the service is reachable from other machines (no authentication)", cfg.host)
 

@@ -43,6 +43,9 @@ class InferenceConfig:
             raise ConfigError("inference.prior_weight must lie in [0, 1]")
         if not 0 <= self.free_query_weight <= 1:
             raise ConfigError("inference.free_query_weight must lie in [0, 1]")
+        for name in ("prior_weight", "free_query_weight"):
+            if getattr(self, name) > 0 and self.mode != "cobra":
+                raise ConfigError(f"inference.{name} applies to mode cobra, not {self.mode}")
         if self.mode not in ("cobra", "no_fusion", "dense_only", "sparse_only", "liger"):
             raise ConfigError(f"inference.mode must be cobra|no_fusion|dense_only|sparse_only|liger, got '{self.mode}'")
         if self.beams <= 0:
@@ -196,6 +199,8 @@ class TrainConfig:
             raise ConfigError("weight_decay, id_weight_decay and successor_weight_decay must be >= 0")
         if self.successor_weight_decay > 0 and not self.model.successor_embedding:
             raise ConfigError("successor_weight_decay needs model.successor_embedding=true (there are no successor rows to decay)")
+        if self.inference.free_query_weight > 0 and not self.model.history_dense_weight > 0:
+            raise ConfigError("inference.free_query_weight > 0 needs model.history_dense_weight > 0 (the head that trains the ID-free dense vector)")
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")

@@ -1,6 +1,7 @@
 """``free_query_weight``: each beam's query inside its ID mixes the ID-conditioned vector with the model's ID-free one."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from cobra_scale.cli import main
 from cobra_scale.errors import ConfigError
 from cobra_scale.model.beam import Beams, PrefixMasks, beam_search
 from cobra_scale.retrieve.recommender import InferenceParams, Recommender
-from cobra_scale.train.configs import EvalConfig, InferenceConfig
+from cobra_scale.model.config import CobraConfig
+from cobra_scale.train.configs import EvalConfig, InferenceConfig, TrainConfig
 from tests.model.test_cobra import catalogue, tiny_model
 
 
@@ -50,8 +52,6 @@ def test_free_vector_is_the_id_free_prediction_and_weight_zero_is_cobra():
     plain = beam_search(rec.model, c, v, valid, PrefixMasks(codes.numpy(), rec.model.cfg.codes), 4, last_items=hist)
     assert plain.free is None and torch.equal(plain.dense, beams.dense) and torch.equal(plain.sids, beams.sids)
     # weight 0 is the paper's COBRA; weight 1 ranks inside each beam's ID by the ID-free vector
-    base = rec.recommend(hist, 5, InferenceParams("cobra", 4))
-    assert torch.equal(rec.recommend(hist, 5, InferenceParams("cobra", 4, free_query_weight=0.0))[0], base[0])
     items, _ = rec.recommend(hist, 5, InferenceParams("cobra", 1, psi=50.0, free_query_weight=1.0))
     top_id = beam_search(rec.model, c, v, valid, PrefixMasks(codes.numpy(), rec.model.cfg.codes), 1, last_items=hist).sids[:, 0]
     for u in range(2):  # one beam: the top items are that ID's items in the order of their cosine with the ID-free vector
@@ -65,6 +65,21 @@ def test_free_vector_is_the_id_free_prediction_and_weight_zero_is_cobra():
     settings = [InferenceParams("cobra", 4, free_query_weight=w) for w in (0.0, 0.5, 1.0)]
     for params, (got, _) in zip(settings, rec.recommend_many(hist, 5, settings)):
         assert torch.equal(got, rec.recommend(hist, 5, params)[0])
+
+
+def test_free_vector_with_successor_rows_is_what_the_history_dense_loss_trains():
+    # the loss reads position 0 of the next item with the code heads' successor rows (successor_context), not the dense
+    # head's (successor_context_dense), so v_free must too
+    rec, codes = _rec(history_dense_weight=1.0, successor_embedding=True, catalogue_items=12, successor_context=2, successor_context_dense=1)
+    torch.nn.init.normal_(rec.model.succ_emb.weight, std=0.5)
+    hist = torch.tensor([[-1, 2, 7], [5, 6, 3]])
+    c, v, valid = rec._history_inputs(hist)
+    beams = beam_search(rec.model, c, v, valid, PrefixMasks(codes.numpy(), rec.model.cfg.codes), 4, last_items=hist, free_query=True)
+    h, _, _ = rec.model.start(c, v, valid)
+    want = F.normalize(rec.model.dense_head(h + rec.model.successor_shift(hist)), dim=-1)
+    assert torch.allclose(beams.free, want, atol=1e-6)
+    other = F.normalize(rec.model.dense_head(h + rec.model.successor_shift(hist, dense=True)), dim=-1)
+    assert not torch.allclose(beams.free, other, atol=1e-4)  # the two shifts differ here, so the test tells them apart
 
 
 def test_free_query_refusals():
@@ -81,6 +96,14 @@ def test_free_query_refusals():
         InferenceConfig(free_query_weight=2.0)
     with pytest.raises(ConfigError, match="grid_free_query_weight"):
         EvalConfig(run="r", grid_free_query_weight=[0, "x"])
+    with pytest.raises(ConfigError, match="mode cobra"):
+        InferenceConfig(mode="dense_only", free_query_weight=0.5)
+    with pytest.raises(ConfigError, match="history_dense_weight"):
+        TrainConfig(data="d", ids="i", out="o", inference=InferenceConfig(free_query_weight=0.5))
+    TrainConfig(data="d", ids="i", out="o", inference=InferenceConfig(free_query_weight=0.5), model=CobraConfig(history_dense_weight=1.0))
+    # the Ray actors rebuild the settings from dicts
+    p = InferenceParams("cobra", 4, free_query_weight=0.25)
+    assert InferenceParams(**asdict(p)) == p
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +121,8 @@ def test_eval_grid_over_free_query_weights(hd_run, tmp_path, capsys):
     assert [g["free_query_weight"] for g in res["valid_grid"]] == [0, 0.5, 1]
     best = max(res["valid_grid"], key=lambda g: g["recall@40"])
     assert res["chosen_on_valid"]["free_query_weight"] == best["free_query_weight"]
+    # the weight reaches the recommender: the grid's rows are not all the same
+    assert len({(g["recall@40"], g["ndcg@40"], g["ndcg@10"]) for g in res["valid_grid"]}) > 1
     # weight 0 of the grid is the plain run
     plain = tmp_path / "plain"
     assert main(["eval", "--run", str(hd_run), "--out", str(plain), "--max-users", "60", "grid_beams=[8]", "ks=[5,10,40]", "split_name=valid"]) == 0
@@ -131,3 +156,10 @@ def test_eval_refuses_free_query_on_a_run_without_the_head(tmp_path, capsys):
     with pytest.raises(Refusal) as refused:
         engine.prepare({"items": [int(engine.bundle.item_ids[0])], "k": 5}, Settings(run=str(run), free_query_weight=0.5))
     assert refused.value.status == 503 and "history_dense_weight" in refused.value.detail
+    # `cobra serve` refuses such a deployment before anything starts
+    from cobra_scale.serve.configs import ServeConfig
+    from cobra_scale.serve.run_serve import _check
+
+    with pytest.raises(ConfigError, match="history_dense_weight"):
+        _check(ServeConfig(run=str(run), user_config={"free_query_weight": 0.5}))
+    _check(ServeConfig(run=str(run)))
