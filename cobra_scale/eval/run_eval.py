@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cobra_scale.errors import ConfigError, DataError
-from cobra_scale.train.configs import EvalConfig
+from cobra_scale.train.configs import EvalConfig, check_free_query_head
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,8 @@ def run(cfg: EvalConfig) -> dict:
     norms = [str(n) for n in cfg.grid_normalize] or [base.normalize]
     weights = [float(w) for w in cfg.grid_prior_weight] or [base.prior_weight]
     free_weights = [float(w) for w in cfg.grid_free_query_weight] or [base.free_query_weight]
-    if "cobra" in modes and max(free_weights) > 0 and not tcfg.model.history_dense_weight > 0:
-        raise ConfigError(f"free_query_weight > 0 needs a run trained with model.history_dense_weight > 0 ({cfg.run} has "
-                          f"{tcfg.model.history_dense_weight}): its ID-free dense vector is otherwise untrained")
+    if "cobra" in modes:
+        check_free_query_head(max(free_weights), tcfg.model, cfg.run)
     if "cobra" in modes and max(weights) > 0:
         from cobra_scale.retrieve.prior import load_or_build
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from cobra_scale.errors import CobraError
-from cobra_scale.train.configs import RecommendConfig
+from cobra_scale.train.configs import RecommendConfig, check_free_query_head
 
 
 def run(cfg: RecommendConfig) -> dict:
@@ -37,16 +37,10 @@ def run(cfg: RecommendConfig) -> dict:
     if params.prior_weight > 0:
         from cobra_scale.retrieve.prior import load_or_build
 
-        if params.mode != "cobra":
-            raise CobraError(f"inference.prior_weight applies to mode cobra, not {params.mode}")
         rec.prior = load_or_build(cfg.run, catalogue.item_ids, build=False)
         if rec.prior is None:
             raise CobraError(f"inference.prior_weight > 0 needs {cfg.run}/prior: build it with `cobra prior --run {cfg.run}`")
-    if params.free_query_weight > 0:
-        if params.mode != "cobra":
-            raise CobraError(f"inference.free_query_weight applies to mode cobra, not {params.mode}")
-        if not model.cfg.history_dense_weight > 0:
-            raise CobraError(f"inference.free_query_weight > 0 needs a model trained with model.history_dense_weight > 0; {cfg.run} has none")
+    check_free_query_head(params.free_query_weight, model.cfg, cfg.run)
     top, scores = rec.recommend(history.to(device), cfg.k, params)
     sids = rec.sids
     for row, label in enumerate(labels):

@@ -120,12 +120,9 @@ def _check(cfg: ServeConfig) -> None:
         raise ConfigError(f"invalid recommender settings / user_config: {first_error_line(exc.errors())}") from exc
     if settings.free_query_weight > 0:
         from cobra_scale.config import load_config
-        from cobra_scale.train.configs import TrainConfig
+        from cobra_scale.train.configs import TrainConfig, check_free_query_head
 
-        trained = load_config(TrainConfig, run / "config.yaml")
-        if not trained.model.history_dense_weight > 0:
-            raise ConfigError(f"free_query_weight is {settings.free_query_weight} but {cfg.run} was trained without "
-                              "model.history_dense_weight (no trained ID-free dense vector): set it to 0")
+        check_free_query_head(settings.free_query_weight, load_config(TrainConfig, run / "config.yaml").model, cfg.run)
     if cfg.host not in LOOPBACK_HOSTS:
         log.warning("binding HTTP to %s: the service is reachable from other machines (no authentication)", cfg.host)
 

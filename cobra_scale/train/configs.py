@@ -54,6 +54,14 @@ class InferenceConfig:
             raise ConfigError("inference.normalize must be 'global' or 'per_beam'")
 
 
+def check_free_query_head(weight: float, model: CobraConfig, run: str | Path = "") -> None:
+    """A free_query_weight > 0 needs a model trained with model.history_dense_weight > 0 (its ID-free vector is
+    otherwise untrained): the one check of train, eval, recommend and serve."""
+    if weight > 0 and not model.history_dense_weight > 0:
+        raise ConfigError(f"free_query_weight {weight:g} needs a model trained with model.history_dense_weight > 0 (the head that "
+                          f"trains the ID-free dense vector){f'; {run} has none' if run else ''}")
+
+
 @dataclass
 class DistributedConfig:
     """``launcher: ray``: Ray Train workers, each running the training step under DeepSpeed ZeRO."""
@@ -199,8 +207,7 @@ class TrainConfig:
             raise ConfigError("weight_decay, id_weight_decay and successor_weight_decay must be >= 0")
         if self.successor_weight_decay > 0 and not self.model.successor_embedding:
             raise ConfigError("successor_weight_decay needs model.successor_embedding=true (there are no successor rows to decay)")
-        if self.inference.free_query_weight > 0 and not self.model.history_dense_weight > 0:
-            raise ConfigError("inference.free_query_weight > 0 needs model.history_dense_weight > 0 (the head that trains the ID-free dense vector)")
+        check_free_query_head(self.inference.free_query_weight, self.model)
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
@@ -314,18 +321,13 @@ class EvalConfig:
         bad = [n for n in self.grid_normalize if n not in ("per_beam", "global")]
         if bad:
             raise ConfigError(f"grid_normalize takes per_beam and/or global, got {bad}")
-        try:
-            weights = [float(w) for w in self.grid_prior_weight]
-        except (TypeError, ValueError):
-            raise ConfigError(f"grid_prior_weight takes numbers in [0, 1], got {list(self.grid_prior_weight)}") from None
-        if any(not 0 <= w <= 1 for w in weights):
-            raise ConfigError(f"grid_prior_weight takes numbers in [0, 1], got {weights}")
-        try:
-            free = [float(w) for w in self.grid_free_query_weight]
-        except (TypeError, ValueError):
-            raise ConfigError(f"grid_free_query_weight takes numbers in [0, 1], got {list(self.grid_free_query_weight)}") from None
-        if any(not 0 <= w <= 1 for w in free):
-            raise ConfigError(f"grid_free_query_weight takes numbers in [0, 1], got {free}")
+        for name in ("grid_prior_weight", "grid_free_query_weight"):
+            try:
+                weights = [float(w) for w in getattr(self, name)]
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} takes numbers in [0, 1], got {list(getattr(self, name))}") from None
+            if any(not 0 <= w <= 1 for w in weights):
+                raise ConfigError(f"{name} takes numbers in [0, 1], got {weights}")
         if self.valid_users < -1:
             raise ConfigError("valid_users must be >= -1")
         if self.max_users < 0 or self.batch_users <= 0:
