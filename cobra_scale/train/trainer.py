@@ -494,6 +494,9 @@ def run(cfg: TrainConfig) -> dict:
         state = json.loads((last / "state.json").read_text())
         if ema is not None:
             load_ema(ema, last)
+        if not load_rng(last, device):
+            log.warning("%s has no rng.pt (saved by an older version): dropout restarts from the seed, so this run "
+                        "will not match an uninterrupted one exactly", last)
         log.info("resumed from %s at epoch %d (step %d)", last, state["epoch"], state["step"])
     log.info(
         "%d training windows (%d targets), %d steps/epoch, %d valid users, %.2fM parameters, dense loss: %s",
@@ -618,6 +621,27 @@ def load_ema(ema, folder: Path) -> None:
     ema.load_state_dict(load_file(str(path)))
 
 
+def rng_state() -> dict:
+    """torch's generator states (CPU, and every CUDA device when present): with them a resumed run draws the same
+    dropout masks as an uninterrupted one (batch order and negatives are seeded per epoch already)."""
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def load_rng(folder: Path, device: torch.device) -> bool:
+    """Restore the states ``rng_state`` saved in ``folder/rng.pt``; False when the checkpoint has none."""
+    path = folder / "rng.pt"
+    if not path.is_file():
+        return False
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    torch.set_rng_state(saved["cpu"])
+    if "cuda" in saved and device.type == "cuda" and len(saved["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+    return True
+
+
 def _save_last(model, optimizer, scheduler, state: dict, folder: Path, ema=None) -> None:
     from safetensors.torch import save_file
 
@@ -627,6 +651,7 @@ def _save_last(model, optimizer, scheduler, state: dict, folder: Path, ema=None)
     if ema is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
     torch.save(optimizer_checkpoint(model, optimizer, scheduler), tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)

@@ -47,6 +47,27 @@ def test_checkpoint_round_trip_and_resume(data, tmp_path):
     assert history[2]["step"] > history[1]["step"]
 
 
+def test_resume_matches_an_uninterrupted_run_exactly(data, tmp_path):
+    """Stopped after epoch 1 and resumed, a run with dropout ends with the very weights of one that ran straight through
+    (the torch generator state travels in checkpoints/last/rng.pt); a checkpoint without it still resumes."""
+    import torch
+    from safetensors.torch import load_file
+
+    straight, paused = tmp_path / "straight", tmp_path / "paused"
+    run(config(data, straight, "epochs=2", "model.dropout=0.3"))
+    run(config(data, paused, "epochs=2", "model.dropout=0.3", "max_minutes=0.0001"))  # the budget stops it after epoch 1
+    assert json.loads((paused / "checkpoints" / "last" / "state.json").read_text())["epoch"] == 1
+    assert (paused / "checkpoints" / "last" / "rng.pt").is_file()
+    run(config(data, paused, "epochs=2", "model.dropout=0.3"))
+    a = load_file(str(straight / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(paused / "checkpoints" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # an older checkpoint (no rng.pt) resumes with a warning instead of failing
+    (paused / "checkpoints" / "last" / "rng.pt").unlink()
+    summary = run(config(data, paused, "epochs=3", "model.dropout=0.3"))
+    assert summary["epochs"] == 3
+
+
 @pytest.mark.slow
 def test_tiny_dataset_is_learned(data, tmp_path):
     """Users walk i -> i+1: the model must beat chance (10/40 items) by far."""
