@@ -11,7 +11,7 @@ Checkpoint folder (one per ``ray.train.report``; Ray Train merges the ranks' fil
 
     ds/...               DeepSpeed checkpoint: weights, this rank's ZeRO optimiser partition, scheduler
     latest               DeepSpeed's tag file
-    rng/rank_<r>.pt      each rank's torch RNG state (dropout), so a resume replays exactly
+    rng/rank_<r>.pt      each rank's torch RNG states (CPU, and CUDA on GPU workers: dropout), so a resume replays exactly
     state.json           epoch, optimiser step, batches consumed in the epoch, history, best
 
 Run folder (``out``): what the local trainer writes (``config.yaml``, ``best/``,
@@ -273,11 +273,13 @@ def _save_checkpoint(engine, state: dict, rank: int, metrics: dict) -> None:
     """Every rank saves its DeepSpeed partition and RNG; Ray Train merges and keeps them."""
     import ray.train
 
+    from cobra_scale.train.trainer import rng_state
+
     tmp = Path(tempfile.mkdtemp(prefix="cobra-ckpt-"))
     try:
         engine.save_checkpoint(str(tmp), tag=DS_TAG)
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(torch.get_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
+        torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")
         if rank == 0:
             (tmp / "state.json").write_text(json.dumps(state))
         name = f"epoch-{state['epoch']:04d}-step-{state['step']:08d}"
@@ -327,6 +329,7 @@ def train_loop_per_worker(config: dict) -> None:
         make_scheduler,
         plot_curve,
         repeat_offsets,
+        restore_rng,
         save_weights,
         time_budget_stop,
         train_step,
@@ -358,14 +361,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     state = {"epoch": 0, "step": 0, "batches": 0, "sums": {}, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
-    rng_state = None
+    saved_rng = None
     if checkpoint:
         with checkpoint.as_directory() as folder:
             engine.load_checkpoint(folder, tag=DS_TAG)
             state = json.loads((Path(folder) / "state.json").read_text())
             rng = Path(folder) / "rng" / f"rank_{rank}.pt"
             if rng.is_file():
-                rng_state = torch.load(rng, weights_only=True)
+                saved_rng = torch.load(rng, map_location="cpu", weights_only=True)
         log.info("resumed at epoch %d + %d batches, step %d", state["epoch"], state["batches"], state["step"])
 
     progress = valid = eval_model = None
@@ -379,8 +382,8 @@ def train_loop_per_worker(config: dict) -> None:
     micro = ds_config["train_micro_batch_size_per_gpu"]
     stop = f"max_steps ({dcfg.max_steps})" if dcfg.max_steps and state["step"] >= dcfg.max_steps else None
     last_saved = state["step"] if checkpoint else -1
-    if rng_state is not None:  # last: building the evaluation model above draws random numbers
-        torch.set_rng_state(rng_state)
+    if saved_rng is not None:  # last: building the evaluation model above draws random numbers
+        restore_rng(saved_rng, device)
 
     while state["epoch"] < cfg.epochs and stop is None:
         epoch = state["epoch"] + 1

@@ -630,15 +630,21 @@ def rng_state() -> dict:
     return out
 
 
-def load_rng(folder: Path, device: torch.device) -> bool:
-    """Restore the states ``rng_state`` saved in ``folder/rng.pt``; False when the checkpoint has none."""
-    path = folder / "rng.pt"
-    if not path.is_file():
-        return False
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+def restore_rng(saved: dict | torch.Tensor, device: torch.device) -> None:
+    """Set the states ``rng_state`` returned (a bare tensor, as older distributed checkpoints hold, is the CPU state)."""
+    if isinstance(saved, torch.Tensor):
+        saved = {"cpu": saved}
     torch.set_rng_state(saved["cpu"])
     if "cuda" in saved and device.type == "cuda" and len(saved["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+def load_rng(folder: Path, device: torch.device) -> bool:
+    """Restore the states saved in ``folder/rng.pt``; False when the checkpoint has none."""
+    path = folder / "rng.pt"
+    if not path.is_file():
+        return False
+    restore_rng(torch.load(path, map_location="cpu", weights_only=True), device)
     return True
 
 
