@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("cobra", "no_fusion", "dense_only", "sparse_only", "liger")
 # the inference parameters each mode's ranking depends on (no_fusion always takes 1 beam; dense_only none)
-GRID_PARAMS = {"cobra": ("tau", "psi", "beams", "normalize", "prior_weight", "free_query_weight"), "sparse_only": ("beams",), "liger": ("beams",)}
+GRID_PARAMS = {"cobra": ("tau", "psi", "beams", "normalize", "prior_weight", "free_query_weight", "free_mix_weight"), "sparse_only": ("beams",), "liger": ("beams",)}
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -99,14 +99,17 @@ def run(cfg: EvalConfig) -> dict:
     norms = [str(n) for n in cfg.grid_normalize] or [base.normalize]
     weights = [float(w) for w in cfg.grid_prior_weight] or [base.prior_weight]
     free_weights = [float(w) for w in cfg.grid_free_query_weight] or [base.free_query_weight]
+    mix_weights = [float(w) for w in cfg.grid_free_mix_weight] or [base.free_mix_weight]
     if "cobra" in modes:
         check_free_query_head(max(free_weights), tcfg.model, cfg.run)
+        check_free_query_head(max(mix_weights), tcfg.model, cfg.run, name="free_mix_weight")
     if "cobra" in modes and max(weights) > 0:
         from cobra_scale.retrieve.prior import load_or_build
 
         rec.prior = load_or_build(cfg.run, catalogue.item_ids)  # saved in <run>/prior: Ray actors load it from there
         log.info("transition prior: %d items, %d transitions", rec.prior.spec.items, rec.prior.matrix.nnz)
-    values = {"tau": taus, "psi": psis, "beams": beam_counts, "normalize": norms, "prior_weight": weights, "free_query_weight": free_weights}
+    values = {"tau": taus, "psi": psis, "beams": beam_counts, "normalize": norms, "prior_weight": weights, "free_query_weight": free_weights,
+              "free_mix_weight": mix_weights}
     chosen: dict = {}
     selection: dict[str, list[dict]] = {}
     for m in modes:
@@ -114,7 +117,7 @@ def run(cfg: EvalConfig) -> dict:
         dims = GRID_PARAMS.get(m, ())
         points = [dict(zip(dims, p)) for p in itertools.product(*(values[d] for d in dims))]
         # the cobra-only mixtures are off in the other modes, whatever the run's own inference config holds
-        mode_base = base if m == "cobra" else replace(base, prior_weight=0.0, free_query_weight=0.0)
+        mode_base = base if m == "cobra" else replace(base, prior_weight=0.0, free_query_weight=0.0, free_mix_weight=0.0)
         if len(points) <= 1:
             chosen[m] = replace(mode_base, mode=m, **(points[0] if points else {}))
             continue
@@ -158,7 +161,8 @@ def run(cfg: EvalConfig) -> dict:
     }
     for m in modes:
         entry = {"chosen_on_valid": {"tau": chosen[m].tau, "psi": chosen[m].psi, "beams": chosen[m].beams, "normalize": chosen[m].normalize,
-                                     "prior_weight": chosen[m].prior_weight, "free_query_weight": chosen[m].free_query_weight}}
+                                     "prior_weight": chosen[m].prior_weight, "free_query_weight": chosen[m].free_query_weight,
+                                     "free_mix_weight": chosen[m].free_mix_weight, "free_mix_candidates": chosen[m].free_mix_candidates}}
         if m in selection:
             entry["valid_grid"] = selection[m]
         entry["history_not_masked"] = table[m]["metrics"]

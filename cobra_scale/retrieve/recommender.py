@@ -40,6 +40,10 @@ class InferenceParams:
     # cobra mode: weight w of the model's ID-free dense vector in each beam's query, normalize((1-w) v(ID) + w v_free)
     # (Beams.query; 0 = the paper's vector for that ID; needs a model trained with model.history_dense_weight > 0)
     free_query_weight: float = 0.0
+    # cobra mode: weight λ of the same model's ID-free ranking mixed into BeamFusion, (1-λ) p_BeamFusion + λ p_free, where
+    # p_free = softmax(ψ cos(v_free, item)) over v_free's top free_mix_candidates items (0 = the list's k); 0 = the paper
+    free_mix_weight: float = 0.0
+    free_mix_candidates: int = 0
 
 
 class Recommender:
@@ -119,7 +123,7 @@ class Recommender:
             return self._search(self.model.dense_prediction(self.model.with_successor(h, history, dense=True)), k, exclude, history)
         beams = beam_search(
             self.model, codes, vectors, valid, self.masks, params.beams if mode != "no_fusion" else 1, with_dense=mode != "sparse_only", last_items=history,
-            free_query=params.free_query_weight > 0,
+            free_query=_needs_free(params),
         )
         b, m = beams.scores.shape
         if mode == "no_fusion":
@@ -129,7 +133,9 @@ class Recommender:
         if mode == "sparse_only":
             return self._sparse_ranking(beams, k, exclude)
         candidates = self._cobra_candidates(beams, params.free_query_weight)
-        return self._fuse(self._exclude(candidates, exclude), k, params, self._prior_top(history, [params]), exclude, self.model.history_item_offsets(candidates[1], history))
+        free_top = self._free_top(beams, history, k, [params])
+        return self._fuse(self._exclude(candidates, exclude), k, params, self._prior_top(history, [params]), exclude,
+                          self.model.history_item_offsets(candidates[1], history), free_top)
 
     def _check_prior(self, params: InferenceParams) -> None:
         if not 0 <= params.prior_weight <= 1:
@@ -143,14 +149,43 @@ class Recommender:
                 raise ValueError("prior_candidates must be >= 1")
 
     def _check_free_query(self, params: InferenceParams) -> None:
-        if not 0 <= params.free_query_weight <= 1:
-            raise ValueError(f"free_query_weight must lie in [0, 1], got {params.free_query_weight}")
-        if params.free_query_weight > 0:
-            if params.mode != "cobra":
-                raise ValueError(f"free_query_weight applies to mode cobra, not {params.mode}")
-            if not self.model.cfg.history_dense_weight > 0:
-                raise ValueError("free_query_weight > 0 needs a model trained with model.history_dense_weight > 0 "
-                                 "(its ID-free dense vector is otherwise untrained)")
+        if params.free_mix_candidates < 0:
+            raise ValueError(f"free_mix_candidates must be >= 0 (0 = the list's k), got {params.free_mix_candidates}")
+        for name in ("free_query_weight", "free_mix_weight"):
+            weight = getattr(params, name)
+            if not 0 <= weight <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {weight}")
+            if weight > 0:
+                if params.mode != "cobra":
+                    raise ValueError(f"{name} applies to mode cobra, not {params.mode}")
+                if not self.model.cfg.history_dense_weight > 0:
+                    raise ValueError(f"{name} > 0 needs a model trained with model.history_dense_weight > 0 "
+                                     "(its ID-free dense vector is otherwise untrained)")
+
+    def _free_top(self, beams, history: torch.Tensor, k: int, settings: list[InferenceParams]):
+        """The ID-free vector's nearest items over the catalogue, ``(items (B, C'), cos (B, C'))`` best first, for the
+        largest ``free_mix_candidates`` asked (0 = ``k``) plus room for the history items a masked setting drops; None
+        when no setting mixes it in."""
+        want = [p.free_mix_candidates or k for p in settings if p.free_mix_weight > 0]
+        if not want:
+            return None
+        extra = history.shape[1] if any(p.exclude_history for p in settings if p.free_mix_weight > 0) else 0
+        return self._search(beams.free, max(want) + extra, None, history)
+
+    @staticmethod
+    def _free_distribution(free_top, k: int, params: InferenceParams, exclude: torch.Tensor | None):
+        """``(items (B, C), p (B, C))``: softmax(ψ·cos) over the ID-free vector's top C = ``free_mix_candidates``
+        (0 = ``k``) items, the history items of ``exclude`` removed first (item -1 / p 0 where a row has fewer)."""
+        items, cos = free_top
+        cos = cos.float().masked_fill(items < 0, float("-inf"))
+        if exclude is not None:
+            hit = ((items[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)).any(-1)
+            cos = cos.masked_fill(hit, float("-inf"))
+        c = min(params.free_mix_candidates or k, cos.shape[1])
+        top, pos = cos.topk(c, dim=-1)
+        items = items.gather(1, pos).masked_fill(~torch.isfinite(top), -1)
+        p = torch.softmax(params.psi * top, dim=-1).nan_to_num(0.0)  # a row with no finite cosine has no distribution
+        return items, p.masked_fill(items < 0, 0.0)
 
     def _prior_top(self, history: torch.Tensor, settings: list[InferenceParams]):
         """The prior's top items of each user (items, p), for the largest ``prior_candidates`` asked, or None."""
@@ -203,12 +238,14 @@ class Recommender:
         hit = (cand[:, :, :, None] == exclude[:, None, None, :]) & (exclude[:, None, None, :] >= 0)
         return beam_scores, cand, cos.masked_fill(hit.any(-1), float("-inf"))
 
-    @staticmethod
+    @classmethod
     def _fuse(
-        candidates, k: int, params: InferenceParams, prior_top=None, exclude: torch.Tensor | None = None, shift: torch.Tensor | None = None
+        cls, candidates, k: int, params: InferenceParams, prior_top=None, exclude: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+        free_top=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """BeamFusion of :meth:`_cobra_candidates` (with the model's ``dense_repeat_bias`` ``shift``, :meth:`CobraModel.history_item_offsets`), top ``k``; mixed
-        with the prior's ``prior_top`` (items, p) when ``params.prior_weight > 0`` (history items of ``exclude`` removed from both)."""
+        with the prior's ``prior_top`` (items, p) when ``params.prior_weight > 0``, then with the ID-free ranking
+        ``free_top`` (:meth:`_free_top`) when ``params.free_mix_weight > 0`` (history items of ``exclude`` removed from all)."""
         beam_scores, cand, cos = candidates
         b = cand.shape[0]
         fused = beam_fusion(beam_scores, cos, params.tau, params.psi, params.normalize, shift)
@@ -222,6 +259,11 @@ class Recommender:
                 hit = ((p_items[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)).any(-1)
                 p_items = p_items.masked_fill(hit, -1)
             items, scores = mix(items, scores, p_items, p.to(scores.dtype), params.prior_weight)
+        if params.free_mix_weight > 0:
+            from cobra_scale.retrieve.prior import mix
+
+            f_items, f_p = cls._free_distribution(free_top, k, params, exclude)
+            items, scores = mix(items, scores, f_items, f_p.to(scores.dtype), params.free_mix_weight)
         return _topk_padded(items, scores, k)
 
     @torch.no_grad()
@@ -245,12 +287,13 @@ class Recommender:
                 out[i] = self.recommend(history, k, p)
         codes, vectors, valid = self._history_inputs(history) if shared else (None, None, None)
         for (mode, beams_m), members in shared.items():
-            free = any(settings[i].free_query_weight > 0 for i in members)
+            free = any(_needs_free(settings[i]) for i in members)
             beams = beam_search(self.model, codes, vectors, valid, self.masks, beams_m, with_dense=mode == "cobra", last_items=history, free_query=free)
             if mode == "sparse_only":
                 for i in members:
                     out[i] = self._sparse_ranking(beams, k, history if settings[i].exclude_history else None)
                 continue
+            free_top = self._free_top(beams, history, k, [settings[i] for i in members]) if mode == "cobra" else None
             by_query: dict[float, list[int]] = {}  # one candidate search per query (free_query_weight)
             for i in members:
                 by_query.setdefault(settings[i].free_query_weight, []).append(i)
@@ -259,7 +302,7 @@ class Recommender:
                 shift = self.model.history_item_offsets(candidates[1], history)  # dense_repeat_bias, or None
                 for i in group:
                     exclude = history if settings[i].exclude_history else None
-                    out[i] = self._fuse(self._exclude(candidates, exclude), k, settings[i], prior_top, exclude, shift)
+                    out[i] = self._fuse(self._exclude(candidates, exclude), k, settings[i], prior_top, exclude, shift, free_top)
         return out
 
     def _liger(self, beams, k: int, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,6 +325,11 @@ class Recommender:
             hit = (cand[:, :, None] == exclude[:, None, :]) & (exclude[:, None, :] >= 0)
             cos = cos.masked_fill(hit.any(-1), float("-inf"))
         return _topk_padded(cand, cos, k)
+
+
+def _needs_free(params: InferenceParams) -> bool:
+    """Whether a setting reads the model's ID-free vector (``Beams.free``)."""
+    return params.free_query_weight > 0 or params.free_mix_weight > 0
 
 
 def _topk_padded(items: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,7 +48,8 @@ def base_settings(cfg: AppConfig, run: Path) -> dict:
     inf = cfg.inference
     return {
         "run": str(run), "version": cfg.version, "mode": inf.mode, "beams": inf.beams, "tau": inf.tau, "psi": inf.psi,
-        "normalize": inf.normalize, "prior_weight": inf.prior_weight, "free_query_weight": inf.free_query_weight, "exclude_history": cfg.exclude_history, "max_batch_size": cfg.max_batch_size,
+        "normalize": inf.normalize, "prior_weight": inf.prior_weight, "free_query_weight": inf.free_query_weight,
+        "free_mix_weight": inf.free_mix_weight, "free_mix_candidates": inf.free_mix_candidates, "exclude_history": cfg.exclude_history, "max_batch_size": cfg.max_batch_size,
         "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "threads": cfg.threads, "device": cfg.device,
     }
 

@@ -53,6 +53,10 @@ class Settings(BaseModel):
     free_query_weight: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
                                      description="mode cobra: weight of the model's ID-free dense vector in each beam's query inside its ID "
                                      "(a model trained with model.history_dense_weight > 0); 0 = the paper's COBRA")
+    free_mix_weight: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+                                   description="mode cobra: weight of the model's ID-free ranking mixed into BeamFusion (a model trained "
+                                   "with model.history_dense_weight > 0); 0 = the paper's COBRA")
+    free_mix_candidates: int = Field(0, ge=0, description="the ID-free ranking's top items the mixture adds (0 = the request's k)")
     max_batch_size: int = Field(32, ge=1, description="requests per batched beam search (1 = no batching)")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default)")
@@ -141,11 +145,13 @@ class ModelEngine:
         if weight > 0 and self.recommender.prior is None:
             raise Refusal(503, f"prior_weight is {weight} but the served run has no transition prior (build it: `cobra prior --run {self.run}`)")
         free = settings.free_query_weight if mode == "cobra" else 0.0
-        if free > 0 and not self.recommender.model.cfg.history_dense_weight > 0:
-            raise Refusal(503, f"free_query_weight is {free} but the served model was trained without model.history_dense_weight "
-                               "(its ID-free dense vector is untrained): set free_query_weight to 0 in the deployment's user_config")
+        free_mix = settings.free_mix_weight if mode == "cobra" else 0.0
+        for name, value in (("free_query_weight", free), ("free_mix_weight", free_mix)):
+            if value > 0 and not self.recommender.model.cfg.history_dense_weight > 0:
+                raise Refusal(503, f"{name} is {value} but the served model was trained without model.history_dense_weight "
+                                   f"(its ID-free dense vector is untrained): set {name} to 0 in the deployment's user_config")
         params = InferenceParams(mode, int(pick("beams")), float(pick("tau")), float(pick("psi")), settings.normalize, bool(pick("exclude_history")), weight,
-                                 free_query_weight=free)
+                                 free_query_weight=free, free_mix_weight=free_mix, free_mix_candidates=settings.free_mix_candidates)
         return Prepared(idx, int(request.get("k", 10)), params)
 
     # ------------------------------------------------------------------ batched
@@ -185,6 +191,7 @@ class ModelEngine:
             "psi": p.psi,
             "prior_weight": p.prior_weight,
             "free_query_weight": p.free_query_weight,
+            "free_mix_weight": p.free_mix_weight,
             "history_length": int(len(req.history)),
         }
 

@@ -118,11 +118,13 @@ def _check(cfg: ServeConfig) -> None:
         settings = Settings(**{**base_settings(cfg, run.resolve()), **cfg.user_config})
     except ValidationError as exc:
         raise ConfigError(f"invalid recommender settings / user_config: {first_error_line(exc.errors())}") from exc
-    if settings.free_query_weight > 0:
+    if settings.free_query_weight > 0 or settings.free_mix_weight > 0:
         from cobra_scale.config import load_config
         from cobra_scale.train.configs import TrainConfig, check_free_query_head
 
-        check_free_query_head(settings.free_query_weight, load_config(TrainConfig, run / "config.yaml").model, cfg.run)
+        model_cfg = load_config(TrainConfig, run / "config.yaml").model
+        check_free_query_head(settings.free_query_weight, model_cfg, cfg.run)
+        check_free_query_head(settings.free_mix_weight, model_cfg, cfg.run, name="free_mix_weight")
     if cfg.host not in LOOPBACK_HOSTS:
         log.warning("binding HTTP to %s: the service is reachable from other machines (no authentication)", cfg.host)
 

@@ -82,6 +82,7 @@ class RecommendResponse(BaseModel):
     psi: float
     prior_weight: float = Field(0.0, description="weight of the transition prior mixed into BeamFusion (0: the paper's COBRA)")
     free_query_weight: float = Field(0.0, description="weight of the model's ID-free dense vector in each beam's query (0: the paper's COBRA)")
+    free_mix_weight: float = Field(0.0, description="weight of the model's ID-free ranking mixed into BeamFusion (0: the paper's COBRA)")
     history_length: int = Field(description="history items the model read")
     # Set by the A/B ingress (cobra_scale.ab.serving); absent when the server runs no experiment.
     experiment: Optional[str] = Field(None, description="A/B: the experiment that chose the model (null: the user is in none)")

@@ -29,6 +29,12 @@ class InferenceConfig:
         "the ID's codes) in each beam's query inside its ID, normalize((1-w)·v(ID) + w·v_free); 0 = the paper's vector for "
         "that ID (beyond the paper when > 0)",
     )
+    free_mix_weight: float = field(
+        0.0, help="cobra mode: weight λ of the same model's ID-free ranking mixed into BeamFusion, (1-λ)·BeamFusion + λ·softmax(ψ·cos) "
+        "over the ID-free vector's top free_mix_candidates items (the head model.history_dense_weight trains); 0 = the paper's COBRA "
+        "(beyond the paper when > 0)",
+    )
+    free_mix_candidates: int = field(0, help="with free_mix_weight > 0: the ID-free vector's top items the mixture adds (0 = the list's K)")
 
     max_per_id: int = field(
         0, help="N, candidates per beam's ID scored by BeamFusion: the best N by cosine (0 = every item of the ID; cap it when "
@@ -43,7 +49,11 @@ class InferenceConfig:
             raise ConfigError("inference.prior_weight must lie in [0, 1]")
         if not 0 <= self.free_query_weight <= 1:
             raise ConfigError("inference.free_query_weight must lie in [0, 1]")
-        for name in ("prior_weight", "free_query_weight"):
+        if not 0 <= self.free_mix_weight <= 1:
+            raise ConfigError("inference.free_mix_weight must lie in [0, 1]")
+        if self.free_mix_candidates < 0:
+            raise ConfigError("inference.free_mix_candidates must be >= 0 (0 = the list's K)")
+        for name in ("prior_weight", "free_query_weight", "free_mix_weight"):
             if getattr(self, name) > 0 and self.mode != "cobra":
                 raise ConfigError(f"inference.{name} applies to mode cobra, not {self.mode}")
         if self.mode not in ("cobra", "no_fusion", "dense_only", "sparse_only", "liger"):
@@ -54,11 +64,11 @@ class InferenceConfig:
             raise ConfigError("inference.normalize must be 'global' or 'per_beam'")
 
 
-def check_free_query_head(weight: float, model: CobraConfig, run: str | Path = "") -> None:
-    """A free_query_weight > 0 needs a model trained with model.history_dense_weight > 0 (its ID-free vector is
-    otherwise untrained): the one check of train, eval, recommend and serve."""
+def check_free_query_head(weight: float, model: CobraConfig, run: str | Path = "", name: str = "free_query_weight") -> None:
+    """A free_query_weight (or free_mix_weight, ``name``) > 0 needs a model trained with model.history_dense_weight > 0
+    (its ID-free vector is otherwise untrained): the one check of train, eval, recommend and serve."""
     if weight > 0 and not model.history_dense_weight > 0:
-        raise ConfigError(f"free_query_weight {weight:g} needs a model trained with model.history_dense_weight > 0 (the head that "
+        raise ConfigError(f"{name} {weight:g} needs a model trained with model.history_dense_weight > 0 (the head that "
                           f"trains the ID-free dense vector){f'; {run} has none' if run else ''}")
 
 
@@ -208,6 +218,7 @@ class TrainConfig:
         if self.successor_weight_decay > 0 and not self.model.successor_embedding:
             raise ConfigError("successor_weight_decay needs model.successor_embedding=true (there are no successor rows to decay)")
         check_free_query_head(self.inference.free_query_weight, self.model)
+        check_free_query_head(self.inference.free_mix_weight, self.model, name="free_mix_weight")
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
@@ -284,6 +295,8 @@ class EvalConfig:
     grid_prior_weight: list = field([], help="weights of the transition prior tried on valid, in [0, 1] (empty = the run's, 0); a weight > 0 counts <run>/prior if missing")
     grid_free_query_weight: list = field([], help="weights of the model's ID-free dense vector in each beam's query tried on valid, in "
                                          "[0, 1] (empty = the run's, 0 = the paper); > 0 needs model.history_dense_weight > 0")
+    grid_free_mix_weight: list = field([], help="weights λ of the model's ID-free ranking mixed into BeamFusion tried on valid, in [0, 1] "
+                                       "(empty = the run's, 0 = the paper); > 0 needs model.history_dense_weight > 0")
     modes: list = field(["cobra"], help="inference modes to report")
     ks: list = field([5, 10], help="cut-offs K of Recall/NDCG/diversity@K (e.g. ks=[50,100,200,500,800])")
     select_on: str = field("", help="validation metric that picks tau/psi/beams (default ndcg@10, else ndcg@<smallest K>)")
@@ -321,7 +334,7 @@ class EvalConfig:
         bad = [n for n in self.grid_normalize if n not in ("per_beam", "global")]
         if bad:
             raise ConfigError(f"grid_normalize takes per_beam and/or global, got {bad}")
-        for name in ("grid_prior_weight", "grid_free_query_weight"):
+        for name in ("grid_prior_weight", "grid_free_query_weight", "grid_free_mix_weight"):
             try:
                 weights = [float(w) for w in getattr(self, name)]
             except (TypeError, ValueError):

@@ -365,7 +365,8 @@ def make_recommender(model: CobraModel, catalogue: Catalogue, device: torch.devi
 
 def inference_params(icfg: InferenceConfig, exclude_history: bool = False) -> InferenceParams:
     return InferenceParams(icfg.mode, icfg.beams, icfg.tau, icfg.psi, icfg.normalize, exclude_history, icfg.prior_weight,
-                           free_query_weight=icfg.free_query_weight)
+                           free_query_weight=icfg.free_query_weight, free_mix_weight=icfg.free_mix_weight,
+                           free_mix_candidates=icfg.free_mix_candidates)
 
 
 def validate_and_keep_best(model: CobraModel, catalogue: Catalogue, valid, params: InferenceParams, device, state: dict, epoch: int,

@@ -1,4 +1,8 @@
-"""``free_query_weight``: each beam's query inside its ID mixes the ID-conditioned vector with the model's ID-free one."""
+"""The model's ID-free dense vector at inference (beyond the paper).
+
+``free_query_weight``: each beam's query inside its ID mixes the ID-conditioned vector with the ID-free one.
+``free_mix_weight``: the ID-free vector's own ranking over the catalogue is mixed into BeamFusion's distribution.
+"""
 
 import json
 from dataclasses import asdict
@@ -106,6 +110,88 @@ def test_free_query_refusals():
     assert InferenceParams(**asdict(p)) == p
 
 
+def test_free_mix_by_hand():
+    """(1 - λ) p_BeamFusion + λ softmax(ψ cos(v_free, ·)) over v_free's top C items, every item once."""
+    rec, codes = _rec(shared_ids=True, history_dense_weight=1.0)
+    hist = torch.tensor([[-1, 2, 7], [5, 6, 3]])
+    lam, psi, k = 0.3, 20.0, 5
+    c, v, valid = rec._history_inputs(hist)
+    beams = beam_search(rec.model, c, v, valid, PrefixMasks(codes.numpy(), rec.model.cfg.codes), 2, last_items=hist, free_query=True)
+    items, scores = rec.recommend(hist, k, InferenceParams("cobra", 2, psi=psi, free_mix_weight=lam))
+    for u in range(2):
+        want = torch.zeros(len(codes), dtype=torch.float64)  # BeamFusion per beam: P(ID) x softmax over the ID's items
+        beam_p = torch.softmax(beams.scores[u].double(), 0)
+        for m in range(2):
+            in_id = torch.nonzero(rec.sids == beams.sids[u, m]).view(-1)
+            cos = F.normalize(rec.vectors[in_id], dim=-1) @ F.normalize(beams.dense[u, m], dim=-1)
+            want[in_id] += (1 - lam) * beam_p[m] * torch.softmax(psi * cos.double(), 0)
+        free_cos = F.normalize(rec.vectors, dim=-1) @ F.normalize(beams.free[u], dim=-1)
+        top_cos, top = free_cos.double().topk(k)  # C = the list's k
+        want[top] += lam * torch.softmax(psi * top_cos, 0)
+        w_scores, w_items = want.topk(k)
+        assert items[u].tolist() == w_items.tolist()
+        assert torch.allclose(scores[u].double(), w_scores, atol=1e-5)
+        assert torch.isclose(want.sum(), torch.tensor(1.0, dtype=torch.float64))  # a mixture of two distributions
+
+
+def test_free_mix_weight_zero_is_cobra_and_one_is_the_id_free_ranking():
+    rec, codes = _rec(shared_ids=True, history_dense_weight=1.0)
+    hist = torch.tensor([[-1, 2, 7], [5, 6, 3]])
+    paper = rec.recommend(hist, 5, InferenceParams("cobra", 2, psi=20.0))
+    zero = rec.recommend(hist, 5, InferenceParams("cobra", 2, psi=20.0, free_mix_weight=0.0))
+    assert torch.equal(paper[0], zero[0]) and torch.equal(paper[1], zero[1])
+    c, v, valid = rec._history_inputs(hist)
+    beams = beam_search(rec.model, c, v, valid, PrefixMasks(codes.numpy(), rec.model.cfg.codes), 2, last_items=hist, free_query=True)
+    nearest, _ = rec.index.search(beams.free, 5)
+    one, _ = rec.recommend(hist, 5, InferenceParams("cobra", 2, psi=20.0, free_mix_weight=1.0))
+    assert torch.equal(one, nearest)  # λ 1: BeamFusion's share is 0, the ID-free vector's nearest items in order
+    mixed, _ = rec.recommend(hist, 5, InferenceParams("cobra", 2, psi=20.0, free_mix_weight=0.3))
+    assert not torch.equal(mixed, paper[0]) and not torch.equal(mixed, one)  # the tiny case tells the three apart
+    # more candidates from the free ranking: C larger than k still gives k items, each once
+    wide, _ = rec.recommend(hist, 5, InferenceParams("cobra", 2, psi=20.0, free_mix_weight=0.3, free_mix_candidates=12))
+    assert all(len(set(r.tolist())) == 5 for r in wide)
+
+
+def test_free_mix_masks_history_and_recommend_many_equals_separate_calls():
+    rec, codes = _rec(shared_ids=True, history_dense_weight=1.0)
+    hist = torch.tensor([[-1, 2, 7], [5, 6, 3]])
+    settings = [InferenceParams("cobra", 2, psi=20.0, free_mix_weight=w, exclude_history=ex, free_query_weight=fq)
+                for w in (0.0, 0.3, 1.0) for ex in (False, True) for fq in (0.0, 0.5)]
+    for params, (got, got_s) in zip(settings, rec.recommend_many(hist, 5, settings)):
+        want, want_s = rec.recommend(hist, 5, params)
+        assert torch.equal(got, want) and torch.allclose(got_s, want_s)
+        if params.exclude_history:
+            for u in range(2):
+                assert not set(got[u].tolist()) & set(hist[u][hist[u] >= 0].tolist())
+                assert (got[u] >= 0).all()  # the free ranking looked past the history items it dropped
+
+
+def test_free_mix_refusals():
+    rec, _ = _rec()
+    hist = torch.tensor([[0, 1]])
+    with pytest.raises(ValueError, match="free_mix_weight > 0 needs .*history_dense_weight"):
+        rec.recommend(hist, 3, InferenceParams("cobra", 4, free_mix_weight=0.5))
+    rec, _ = _rec(history_dense_weight=1.0)
+    with pytest.raises(ValueError, match="free_mix_weight applies to mode cobra"):
+        rec.recommend(hist, 3, InferenceParams("dense_only", 4, free_mix_weight=0.5))
+    with pytest.raises(ValueError, match=r"free_mix_weight must lie in \[0, 1\]"):
+        rec.recommend_many(hist, 3, [InferenceParams("cobra", 4, free_mix_weight=1.5)])
+    with pytest.raises(ValueError, match="free_mix_candidates"):
+        rec.recommend(hist, 3, InferenceParams("cobra", 4, free_mix_weight=0.5, free_mix_candidates=-1))
+    with pytest.raises(ConfigError, match="free_mix_weight"):
+        InferenceConfig(free_mix_weight=-0.5)
+    with pytest.raises(ConfigError, match="free_mix_candidates"):
+        InferenceConfig(free_mix_candidates=-1)
+    with pytest.raises(ConfigError, match="mode cobra"):
+        InferenceConfig(mode="no_fusion", free_mix_weight=0.5)
+    with pytest.raises(ConfigError, match="grid_free_mix_weight"):
+        EvalConfig(run="r", grid_free_mix_weight=[0, 2])
+    with pytest.raises(ConfigError, match="free_mix_weight 0.5 needs"):
+        TrainConfig(data="d", ids="i", out="o", inference=InferenceConfig(free_mix_weight=0.5))
+    p = InferenceParams("cobra", 4, free_mix_weight=0.25, free_mix_candidates=100)
+    assert InferenceParams(**asdict(p)) == p
+
+
 @pytest.fixture(scope="module")
 def hd_run(tmp_path_factory):
     from tests.retrieve.fixtures import tiny_run
@@ -141,6 +227,24 @@ def test_eval_grid_over_free_query_weights(hd_run, tmp_path, capsys):
     assert main(["recommend", "--run", str(hd_run), "--k", "3", "--users", "1", "inference.free_query_weight=0.5"]) == 0
 
 
+def test_eval_grid_over_free_mix_weights_and_serving(hd_run, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", "--run", str(hd_run), "--out", str(out), "--max-users", "60", "grid_beams=[8]",
+                 "grid_free_mix_weight=[0,0.5,1]", "ks=[5,10,40]", "select_on=recall@40"]) == 0
+    res = json.loads((out / "eval_test.json").read_text())["modes"]["cobra"]
+    assert [g["free_mix_weight"] for g in res["valid_grid"]] == [0, 0.5, 1]
+    best = max(res["valid_grid"], key=lambda g: g["recall@40"])
+    assert res["chosen_on_valid"]["free_mix_weight"] == best["free_mix_weight"]
+    assert len({(g["recall@40"], g["ndcg@40"], g["ndcg@10"]) for g in res["valid_grid"]}) > 1
+    from cobra_scale.serve.engine import ModelEngine, Settings
+
+    engine = ModelEngine(hd_run, "cpu")
+    item = int(engine.bundle.item_ids[0])
+    answer = engine.run_batch([engine.prepare({"items": [item], "k": 5}, Settings(run=str(hd_run), free_mix_weight=0.5))])[0]
+    assert answer["free_mix_weight"] == 0.5 and len(answer["items"]) == 5
+    assert main(["recommend", "--run", str(hd_run), "--k", "3", "--users", "1", "inference.free_mix_weight=0.5"]) == 0
+
+
 def test_eval_refuses_free_query_on_a_run_without_the_head(tmp_path, capsys):
     from tests.retrieve.fixtures import tiny_run
 
@@ -162,4 +266,12 @@ def test_eval_refuses_free_query_on_a_run_without_the_head(tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="history_dense_weight"):
         _check(ServeConfig(run=str(run), user_config={"free_query_weight": 0.5}))
+    with pytest.raises(ConfigError, match="free_mix_weight 0.5 needs"):
+        _check(ServeConfig(run=str(run), user_config={"free_mix_weight": 0.5}))
+    with pytest.raises(Refusal) as refused:
+        engine.prepare({"items": [int(engine.bundle.item_ids[0])], "k": 5}, Settings(run=str(run), free_mix_weight=0.5))
+    assert refused.value.status == 503 and "free_mix_weight" in refused.value.detail
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "grid_free_mix_weight=[0,0.5]"]) == 2
+    assert "free_mix_weight" in capsys.readouterr().err
     _check(ServeConfig(run=str(run)))
