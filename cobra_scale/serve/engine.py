@@ -56,7 +56,7 @@ class Settings(BaseModel):
     free_mix_weight: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
                                    description="mode cobra: weight of the model's ID-free ranking mixed into BeamFusion (a model trained "
                                    "with model.history_dense_weight > 0); 0 = the paper's COBRA")
-    free_mix_candidates: int = Field(0, ge=0, description="the ID-free ranking's top items the mixture adds (0 = the request's k)")
+    free_mix_candidates: int = Field(0, ge=0, le=100_000, description="the ID-free ranking's top items the mixture adds (0 = the request's k)")
     max_batch_size: int = Field(32, ge=1, description="requests per batched beam search (1 = no batching)")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default)")
