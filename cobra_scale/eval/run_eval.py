@@ -101,8 +101,7 @@ def run(cfg: EvalConfig) -> dict:
     free_weights = [float(w) for w in cfg.grid_free_query_weight] or [base.free_query_weight]
     mix_weights = [float(w) for w in cfg.grid_free_mix_weight] or [base.free_mix_weight]
     if "cobra" in modes:
-        check_free_query_head(max(free_weights), tcfg.model, cfg.run)
-        check_free_query_head(max(mix_weights), tcfg.model, cfg.run, name="free_mix_weight")
+        check_free_query_head(tcfg.model, cfg.run, free_query_weight=max(free_weights), free_mix_weight=max(mix_weights))
     if "cobra" in modes and max(weights) > 0:
         from cobra_scale.retrieve.prior import load_or_build
 

@@ -40,8 +40,7 @@ def run(cfg: RecommendConfig) -> dict:
         rec.prior = load_or_build(cfg.run, catalogue.item_ids, build=False)
         if rec.prior is None:
             raise CobraError(f"inference.prior_weight > 0 needs {cfg.run}/prior: build it with `cobra prior --run {cfg.run}`")
-    check_free_query_head(params.free_query_weight, model.cfg, cfg.run)
-    check_free_query_head(params.free_mix_weight, model.cfg, cfg.run, name="free_mix_weight")
+    check_free_query_head(model.cfg, cfg.run, free_query_weight=params.free_query_weight, free_mix_weight=params.free_mix_weight)
     top, scores = rec.recommend(history.to(device), cfg.k, params)
     sids = rec.sids
     for row, label in enumerate(labels):

@@ -122,9 +122,8 @@ def _check(cfg: ServeConfig) -> None:
         from cobra_scale.config import load_config
         from cobra_scale.train.configs import TrainConfig, check_free_query_head
 
-        model_cfg = load_config(TrainConfig, run / "config.yaml").model
-        check_free_query_head(settings.free_query_weight, model_cfg, cfg.run)
-        check_free_query_head(settings.free_mix_weight, model_cfg, cfg.run, name="free_mix_weight")
+        check_free_query_head(load_config(TrainConfig, run / "config.yaml").model, cfg.run,
+                              free_query_weight=settings.free_query_weight, free_mix_weight=settings.free_mix_weight)
     if cfg.host not in LOOPBACK_HOSTS:
         log.warning("binding HTTP to %s: the service is reachable from other machines (no authentication)", cfg.host)
 

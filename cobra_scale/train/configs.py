@@ -64,12 +64,13 @@ class InferenceConfig:
             raise ConfigError("inference.normalize must be 'global' or 'per_beam'")
 
 
-def check_free_query_head(weight: float, model: CobraConfig, run: str | Path = "", name: str = "free_query_weight") -> None:
-    """A free_query_weight (or free_mix_weight, ``name``) > 0 needs a model trained with model.history_dense_weight > 0
-    (its ID-free vector is otherwise untrained): the one check of train, eval, recommend and serve."""
-    if weight > 0 and not model.history_dense_weight > 0:
-        raise ConfigError(f"{name} {weight:g} needs a model trained with model.history_dense_weight > 0 (the head that "
-                          f"trains the ID-free dense vector){f'; {run} has none' if run else ''}")
+def check_free_query_head(model: CobraConfig, run: str | Path = "", **weights: float) -> None:
+    """Each of ``weights`` (free_query_weight=…, free_mix_weight=…) > 0 needs a model trained with
+    model.history_dense_weight > 0 (its ID-free vector is otherwise untrained): the one check of train, eval, recommend and serve."""
+    for name, weight in weights.items():
+        if weight > 0 and not model.history_dense_weight > 0:
+            raise ConfigError(f"{name} {weight:g} needs a model trained with model.history_dense_weight > 0 (the head that "
+                              f"trains the ID-free dense vector){f'; {run} has none' if run else ''}")
 
 
 @dataclass
@@ -217,8 +218,7 @@ class TrainConfig:
             raise ConfigError("weight_decay, id_weight_decay and successor_weight_decay must be >= 0")
         if self.successor_weight_decay > 0 and not self.model.successor_embedding:
             raise ConfigError("successor_weight_decay needs model.successor_embedding=true (there are no successor rows to decay)")
-        check_free_query_head(self.inference.free_query_weight, self.model)
-        check_free_query_head(self.inference.free_mix_weight, self.model, name="free_mix_weight")
+        check_free_query_head(self.model, free_query_weight=self.inference.free_query_weight, free_mix_weight=self.inference.free_mix_weight)
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")

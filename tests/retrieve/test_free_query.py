@@ -199,16 +199,21 @@ def hd_run(tmp_path_factory):
     return tiny_run(tmp_path_factory.mktemp("fq"), "model.history_dense_weight=1")
 
 
-def test_eval_grid_over_free_query_weights(hd_run, tmp_path, capsys):
-    out = tmp_path / "ev"
-    assert main(["eval", "--run", str(hd_run), "--out", str(out), "--max-users", "60", "grid_beams=[8]",
-                 "grid_free_query_weight=[0,0.5,1]", "ks=[5,10,40]", "select_on=recall@40"]) == 0
+def _eval_grid(run, out, name: str) -> dict:
+    """``cobra eval`` over ``name`` = [0, 0.5, 1]: the grid's rows, its choice by recall@40, the weight reaching the recommender."""
+    assert main(["eval", "--run", str(run), "--out", str(out), "--max-users", "60", "grid_beams=[8]",
+                 f"grid_{name}=[0,0.5,1]", "ks=[5,10,40]", "select_on=recall@40"]) == 0
     res = json.loads((out / "eval_test.json").read_text())["modes"]["cobra"]
-    assert [g["free_query_weight"] for g in res["valid_grid"]] == [0, 0.5, 1]
+    assert [g[name] for g in res["valid_grid"]] == [0, 0.5, 1]
     best = max(res["valid_grid"], key=lambda g: g["recall@40"])
-    assert res["chosen_on_valid"]["free_query_weight"] == best["free_query_weight"]
+    assert res["chosen_on_valid"][name] == best[name]
     # the weight reaches the recommender: the grid's rows are not all the same
     assert len({(g["recall@40"], g["ndcg@40"], g["ndcg@10"]) for g in res["valid_grid"]}) > 1
+    return res
+
+
+def test_eval_grid_over_free_query_weights(hd_run, tmp_path, capsys):
+    res = _eval_grid(hd_run, tmp_path / "ev", "free_query_weight")
     # weight 0 of the grid is the plain run
     plain = tmp_path / "plain"
     assert main(["eval", "--run", str(hd_run), "--out", str(plain), "--max-users", "60", "grid_beams=[8]", "ks=[5,10,40]", "split_name=valid"]) == 0
@@ -228,14 +233,7 @@ def test_eval_grid_over_free_query_weights(hd_run, tmp_path, capsys):
 
 
 def test_eval_grid_over_free_mix_weights_and_serving(hd_run, tmp_path, capsys):
-    out = tmp_path / "ev"
-    assert main(["eval", "--run", str(hd_run), "--out", str(out), "--max-users", "60", "grid_beams=[8]",
-                 "grid_free_mix_weight=[0,0.5,1]", "ks=[5,10,40]", "select_on=recall@40"]) == 0
-    res = json.loads((out / "eval_test.json").read_text())["modes"]["cobra"]
-    assert [g["free_mix_weight"] for g in res["valid_grid"]] == [0, 0.5, 1]
-    best = max(res["valid_grid"], key=lambda g: g["recall@40"])
-    assert res["chosen_on_valid"]["free_mix_weight"] == best["free_mix_weight"]
-    assert len({(g["recall@40"], g["ndcg@40"], g["ndcg@10"]) for g in res["valid_grid"]}) > 1
+    _eval_grid(hd_run, tmp_path / "ev", "free_mix_weight")
     from cobra_scale.serve.engine import ModelEngine, Settings
 
     engine = ModelEngine(hd_run, "cpu")
