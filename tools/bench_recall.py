@@ -93,6 +93,12 @@ RUNS = {
     "full_dw3_hd": ["model.item_embedding=true", "item_embedding_init=behaviour", "model.dense_weight=3", "model.history_dense_weight=3"],
     "full_dw10_hd": ["model.item_embedding=true", "item_embedding_init=behaviour", "model.dense_weight=10", "model.history_dense_weight=10"],
 }
+# rule 25 (session 39): the successor rows of configs/train/beauty.yaml (per-item rows of the last history items on the
+# next item's hidden states; the code heads read the last 3 items' rows, the dense head the last one's) on every model
+SUCC = ["model.successor_embedding=true", "model.successor_context=3", "model.successor_context_dense=1"]
+RUNS["full_dw3_hd_succ"] = RUNS["full_dw3_hd"] + SUCC
+RUNS["noid_items_succ"] = RUNS["noid_items"] + SUCC
+RUNS["nodense_succ"] = RUNS["nodense"] + SUCC
 EVAL = {
     # tau/beams chosen on the validation day; psi as on Beauty
     "full": ["modes=[cobra,no_fusion]", "grid_tau=[0.3,1,3]", "grid_psi=[20]", "grid_beams=[40]", "grid_normalize=[per_beam,global]",
@@ -106,6 +112,7 @@ EVAL["noid_items"] = EVAL["noid"]
 EVAL["full_idbank"] = EVAL["full"]
 EVAL["noid_idbank"] = EVAL["noid"]
 EVAL["full_dw3"] = EVAL["full_sw0"] = EVAL["full_dw10"] = EVAL["full_dw3_hd"] = EVAL["full_dw10_hd"] = EVAL["full"]
+EVAL["full_dw3_hd_succ"], EVAL["noid_items_succ"], EVAL["nodense_succ"] = EVAL["full"], EVAL["noid"], EVAL["nodense"]
 LABEL = {"cobra": "COBRA", "no_fusion": "w/o BeamFusion", "dense_only": "w/o ID", "sparse_only": "w/o Dense"}
 
 
@@ -176,7 +183,7 @@ def stage_train(args, extra) -> None:
         if (out / "checkpoints" / "last" / "state.json").is_file():
             # the trainer resumes from its last checkpoint; with --epochs already reached it stops at once
             print(f"train {name}: resuming from {out / 'checkpoints' / 'last'}")
-        ids = root / ("ids_item" if name == "nodense" else "ids")
+        ids = root / ("ids_item" if name.startswith("nodense") else "ids")
         cmd = cobra("train", "--data", str(root), "--ids", str(ids), "--out", str(out), "split=time", *MODEL, *RUNS[name],
                     f"epochs={args.epochs}", f"steps_per_epoch={args.steps}", f"max_minutes={args.minutes}",
                     f"eval_users={args.valid_users}", f"threads={args.threads}", "init_embeddings=true", *extra)
@@ -189,7 +196,7 @@ def stage_train(args, extra) -> None:
 def stage_index(args, extra) -> None:
     root = Path(args.root)
     for name in args.runs:
-        if name == "nodense":
+        if name.startswith("nodense"):
             continue  # w/o Dense decodes items directly (its 4th code), no vectors to index
         out = root / "runs" / name / "index"
         if (out / "index.json").is_file():
@@ -207,8 +214,8 @@ def stage_eval(args, extra) -> None:
         if (out / "eval_test.json").is_file():
             print(f"eval {name}: done ({out})")
             continue
-        index = ["--index", str(run / "index")] if name != "nodense" else []
-        users = args.sparse_users if name == "nodense" else args.users
+        index = ["--index", str(run / "index")] if not name.startswith("nodense") else []
+        users = args.sparse_users if name.startswith("nodense") else args.users
         cmd = cobra("eval", "--run", str(run), *index, "--out", str(out), "--split", "time", "--split-name", "test",
                     "--max-users", str(users), "--valid-users", str(args.valid_users), "--workers", str(args.workers),
                     "--worker-cpus", "1", "--exclude-history", f"ks={KS}", *EVAL[name], *extra)
