@@ -196,6 +196,11 @@ class TrainConfig:
     )
     resume: bool = field(True, help="resume from out/checkpoints/last if present")
     dense_loss_impl: str = field("auto", help="dense loss kernel: auto | reference | tiled | triton")
+    optimizer_impl: str = field(
+        "auto", help="AdamW's implementation: fused (one pass over each parameter; at 1M items x 128 its step is ~8x "
+        "faster on one CPU thread, session 39) | foreach (the trainer's before session 39, for bit-identical reruns of "
+        "earlier runs) | auto = fused",
+    )
     launcher: str = field("local", help="local = this process (CPU or one GPU) | ray = Ray Train + DeepSpeed ZeRO (see distributed.*)")
     model: CobraConfig = dc_field(default_factory=CobraConfig)
     inference: InferenceConfig = dc_field(default_factory=InferenceConfig)
@@ -273,6 +278,8 @@ class TrainConfig:
             raise ConfigError("device must be auto|cpu|cuda")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError("precision must be fp32 or bf16")
+        if self.optimizer_impl not in ("auto", "fused", "foreach"):
+            raise ConfigError(f"optimizer_impl must be auto, fused or foreach, not {self.optimizer_impl!r}")
 
 
 @dataclass

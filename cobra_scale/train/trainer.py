@@ -226,7 +226,15 @@ def make_optimizer(model: CobraModel, cfg: TrainConfig) -> torch.optim.AdamW:
         [{"params": [params[n] for n in names], "weight_decay": decays[label], "group": label}
          for names, label in zip(groups, _labels(id_rows, successor_rows))],
         lr=cfg.lr,
+        **optimizer_impl_kwargs(cfg.optimizer_impl),
     )
+
+
+def optimizer_impl_kwargs(impl: str) -> dict:
+    """AdamW's ``fused`` / ``foreach`` flags for ``optimizer_impl``. The fused kernel reads and writes each parameter
+    and its two moments once per step, where the foreach one makes a pass per operation: on a model's per-item tables
+    (1M rows x 128) that is most of a CPU step (measured at 1 thread: 0.25 s against 2.0 s a table, session 39)."""
+    return {"fused": True} if impl in ("auto", "fused") else {"foreach": True}
 
 
 def _saved_labels(param_groups: list[dict]) -> list[str]:
@@ -284,6 +292,8 @@ def load_optimizer_checkpoint(model: CobraModel, optimizer, scheduler, saved: di
         g["group"] = label
         g["params"] = list(range(start, start + len(names_now)))
         start += len(names_now)
+    for g, current_group in zip(groups, optimizer.param_groups):  # the implementation is this run's, not the saved one's
+        g.update({k: current_group[k] for k in ("fused", "foreach") if k in current_group})
     optimizer.load_state_dict({"state": {remap[int(k)]: v for k, v in state["state"].items()}, "param_groups": groups})
     scheduler.load_state_dict(saved["scheduler"])
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cobra_scale.config import load_config
-from cobra_scale.errors import CobraError
+from cobra_scale.errors import CobraError, ConfigError
 from cobra_scale.model.cobra import CobraModel
 from cobra_scale.model.config import CobraConfig
 from cobra_scale.train.configs import TrainConfig
@@ -178,3 +178,44 @@ def test_successor_weight_decay_without_the_rows_is_a_config_error():
         load_config(TrainConfig, dotlist=["data=x", "ids=y", "out=z", "successor_weight_decay=0.1"])
     with pytest.raises(ConfigError, match="successor_weight_decay"):
         load_config(TrainConfig, dotlist=["data=x", "ids=y", "out=z", "model.successor_embedding=true", "successor_weight_decay=-1"])
+
+
+def with_impl(impl):
+    torch.manual_seed(0)
+    model, _, _, _ = small()
+    cfg = load_config(TrainConfig, dotlist=["data=x", "ids=y", "out=z", "warmup_steps=2", f"optimizer_impl={impl}"])
+    opt = make_optimizer(model, cfg)
+    return model, opt, make_scheduler(opt, cfg, 10), cfg
+
+
+def test_fused_and_foreach_take_the_same_steps():
+    """optimizer_impl picks AdamW's kernel, not the algorithm: three steps of each agree to rounding."""
+    runs = {}
+    for impl in ("fused", "foreach"):
+        model, opt, sched, _ = with_impl(impl)
+        assert bool(opt.param_groups[0].get("fused")) == (impl == "fused")
+        for _ in range(3):
+            step(model, opt, sched)
+        runs[impl] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert runs["fused"].keys() == runs["foreach"].keys()
+    for n, p in runs["fused"].items():
+        torch.testing.assert_close(p, runs["foreach"][n], rtol=1e-5, atol=1e-6, msg=n)
+    assert with_impl("auto")[1].param_groups[0]["fused"] is True
+
+
+def test_resume_keeps_this_runs_implementation():
+    """A checkpoint saved by the foreach kernel (every run before session 39) resumes on the kernel configured now."""
+    model, opt, sched, _ = with_impl("foreach")
+    step(model, opt, sched)
+    saved = optimizer_checkpoint(model, opt, sched)
+    model2, opt2, sched2, _ = with_impl("fused")
+    load_optimizer_checkpoint(model2, opt2, sched2, saved)
+    assert all(g["fused"] is True and not g.get("foreach") for g in opt2.param_groups)
+    a, b = states_by_name(model, opt), states_by_name(model2, opt2)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    step(model2, opt2, sched2)  # and it steps
+
+
+def test_unknown_optimizer_impl_is_refused():
+    with pytest.raises(ConfigError, match="optimizer_impl"):
+        load_config(TrainConfig, dotlist=["data=x", "ids=y", "out=z", "optimizer_impl=adam8bit"])
