@@ -11,9 +11,9 @@ from cobra_scale.train.configs import TrainConfig
 from cobra_scale.train.trainer import load_optimizer_checkpoint, make_optimizer, make_scheduler, optimizer_checkpoint, optimizer_groups
 
 
-def small():
+def small(*overrides):
     torch.manual_seed(0)
-    cfg = load_config(TrainConfig, dotlist=["data=x", "ids=y", "out=z", "warmup_steps=2"])
+    cfg = load_config(TrainConfig, dotlist=["data=x", "ids=y", "out=z", "warmup_steps=2", *overrides])
     mcfg = CobraConfig(levels=2, codes=4, d_model=16, decoder_layers=1, decoder_heads=2, encoder_layers=1, encoder_heads=2,
                        encoder_dim=16, text_tokens=6, vocab_size=50, max_items=5, prefix_rows=16)
     model = CobraModel(mcfg)
@@ -181,11 +181,7 @@ def test_successor_weight_decay_without_the_rows_is_a_config_error():
 
 
 def with_impl(impl):
-    torch.manual_seed(0)
-    model, _, _, _ = small()
-    cfg = load_config(TrainConfig, dotlist=["data=x", "ids=y", "out=z", "warmup_steps=2", f"optimizer_impl={impl}"])
-    opt = make_optimizer(model, cfg)
-    return model, opt, make_scheduler(opt, cfg, 10), cfg
+    return small(f"optimizer_impl={impl}")
 
 
 def test_fused_and_foreach_take_the_same_steps():
