@@ -78,12 +78,13 @@ class Recommender:
         self.codes = item_codes
         self.vectors = item_vectors
         k = model.cfg.codes
-        sids = torch.zeros(len(item_codes), dtype=torch.long)
+        dev = item_codes.device  # everything the search builds lives there (the model's device: the engine moves both)
+        sids = torch.zeros(len(item_codes), dtype=torch.long, device=dev)
         for level in range(item_codes.shape[1]):
             sids = sids * k + item_codes[:, level]
         self.sids = sids
         self.diversity_sids = None  # (N,) int64 numpy array: the IDs diversity@K counts, when not these (eval's diversity_ids)
-        self.masks = PrefixMasks(item_codes.numpy(), k) if model.cfg.use_sparse else None
+        self.masks = PrefixMasks(item_codes.cpu().numpy(), k, device=dev) if model.cfg.use_sparse else None
         if index is None and item_vectors is not None:
             index = ExactIdIndex(item_vectors, sids, max_per_id)
         self.index = index
@@ -92,7 +93,7 @@ class Recommender:
             uniq, counts = torch.unique(sids, return_counts=True)
             if int(counts.max()) > 1:
                 raise ValueError("sparse_only needs IDs that name one item each (add a dedup level to the codes)")
-            self.sid_to_item = ExactIdIndex(torch.zeros(len(sids), 1), sids)
+            self.sid_to_item = ExactIdIndex(torch.zeros(len(sids), 1, device=dev), sids)
 
     def _history_inputs(self, history: torch.Tensor):
         valid = history >= 0
@@ -105,7 +106,8 @@ class Recommender:
     def recommend(self, history: torch.Tensor, k: int, params: InferenceParams) -> tuple[torch.Tensor, torch.Tensor]:
         """``history`` (B, S) catalogue indices, -1 left padding -> ``(items (B, k), scores (B, k))``.
 
-        Rows with fewer than ``k`` candidates are padded with item -1 and score -inf.
+        Rows with fewer than ``k`` candidates are padded with item -1 and score -inf. ``history`` may lie on any
+        device; the answer lies on the recommender's (its item codes', the model's: CUDA when the caller put them there).
         """
         mode = params.mode
         if mode not in MODES:
@@ -116,6 +118,7 @@ class Recommender:
             raise ValueError(f"mode {mode} needs dense item vectors; this model was trained without them (use sparse_only)")
         self._check_prior(params)
         self._check_free_query(params)
+        history = history.to(self.codes.device)  # results come back on the model's device
         codes, vectors, valid = self._history_inputs(history)
         exclude = history if params.exclude_history else None
         if mode == "dense_only":
@@ -279,6 +282,7 @@ class Recommender:
         for p in settings:
             self._check_prior(p)
             self._check_free_query(p)
+        history = history.to(self.codes.device)
         prior_top = self._prior_top(history, settings)
         for i, p in enumerate(settings):
             if (p.mode == "cobra" and self.index is not None) or (p.mode == "sparse_only" and self.sid_to_item is not None):
