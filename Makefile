@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test test-fast beauty clean-demo
+.PHONY: install demo test test-fast beauty clean-demo device-deps
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not integration" tests
+
+device-deps: install  # what tools/gpu_check.sh needs on a bare GPU machine beyond its image (pure Python; carried as build/device_pkgs)
+	$(VENV)/bin/pip install -q --no-deps --upgrade --target build/device_pkgs 'omegaconf==2.4.0'
 
 clean-demo:
 	rm -rf $(DEMO)
