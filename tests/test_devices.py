@@ -38,3 +38,79 @@ def test_trim_host_memory_calls_malloc_trim(monkeypatch):
     monkeypatch.setattr(devices, "_LIBC", False)  # no glibc: a no-op
     devices.trim_host_memory()
     assert calls == [0]
+
+
+# --- which device each pool picks, and the settings it refuses (session 40) ---
+
+def test_serve_refuses_contradicting_device_settings():
+    import pytest
+
+    from cobra_scale.errors import ConfigError
+    from cobra_scale.serve.configs import ServeConfig
+
+    with pytest.raises(ConfigError, match="gpus_per_replica > 0"):
+        ServeConfig(run="r", device="cuda", gpus_per_replica=0)
+    with pytest.raises(ConfigError, match="reserve GPUs"):
+        ServeConfig(run="r", device="cpu", gpus_per_replica=1)
+    ServeConfig(run="r", device="cuda", gpus_per_replica=0.5)  # a share is fine
+
+
+def test_replicas_share_the_clusters_gpus_and_cpu_replicas_reserve_none(monkeypatch):
+    import ray
+
+    from cobra_scale.serve.app import _gpus
+    from cobra_scale.serve.configs import ServeConfig
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
+    assert _gpus(ServeConfig(run="r", replicas=2)) == 0.5  # one GPU, two replicas: half each, none left pending
+    assert _gpus(ServeConfig(run="r", replicas=1)) == 1.0
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 8.0})
+    assert _gpus(ServeConfig(run="r", replicas=2)) == 1.0  # at most one each
+    assert _gpus(ServeConfig(run="r", replicas=2, device="cpu")) == 0.0
+    assert _gpus(ServeConfig(run="r", replicas=2, gpus_per_replica=0.25)) == 0.25
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0})
+    assert _gpus(ServeConfig(run="r", replicas=2)) == 0.0
+
+
+def test_a_replica_runs_on_cuda_only_with_a_gpu_of_its_own(monkeypatch):
+    import ray
+
+    from cobra_scale.serve.deployments import replica_device
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    assert replica_device("auto") == "cpu"  # Ray leaves the node's GPUs visible to an actor that reserved none
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+    assert replica_device("auto") == "cuda"
+    assert replica_device("cpu") == "cpu" and replica_device("cuda") == "cuda"
+
+
+def test_eval_actor_pool_refuses_contradicting_device_settings():
+    import pytest
+
+    from cobra_scale.errors import ConfigError
+    from cobra_scale.eval.batch import check_actor_device
+
+    with pytest.raises(ConfigError, match="worker_gpus > 0"):
+        check_actor_device("cuda", 0.0)
+    with pytest.raises(ConfigError, match="reserve GPUs"):
+        check_actor_device("cpu", 1.0)
+    for device, gpus in (("auto", 0.0), ("auto", 0.5), ("cuda", 0.5), ("cpu", 0.0)):
+        check_actor_device(device, gpus)
+
+
+def test_ray_training_refuses_contradicting_device_settings():
+    import pytest
+
+    from cobra_scale.config import load_config
+    from cobra_scale.errors import ConfigError
+    from cobra_scale.train.configs import TrainConfig
+
+    base = ["data=x", "ids=y", "out=z", "launcher=ray"]
+    with pytest.raises(ConfigError, match="distributed.use_gpu=true"):
+        load_config(TrainConfig, dotlist=[*base, "device=cuda"])
+    with pytest.raises(ConfigError, match="contradicts"):
+        load_config(TrainConfig, dotlist=[*base, "device=cpu", "distributed.use_gpu=true"])
+    assert load_config(TrainConfig, dotlist=[*base, "device=cuda", "distributed.use_gpu=true"]).distributed.use_gpu
+    assert load_config(TrainConfig, dotlist=["data=x", "ids=y", "out=z", "device=cuda"]).device == "cuda"  # local: no Ray

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cobra_scale.errors import DataError
+from cobra_scale.errors import ConfigError, DataError
 from cobra_scale.eval.metrics import UserMeans, user_metrics
 from cobra_scale.retrieve.recommender import InferenceParams, Recommender
 
@@ -180,6 +180,15 @@ class RecommenderActor:
         return {**score_batch(self.rec, history, targets, self.settings, self.ks, self.device), "row": batch["data"][:, 0]}
 
 
+
+def check_actor_device(device: str, worker_gpus: float) -> None:
+    """Refuse the device settings an actor pool would not honour: a GPU device with no GPU reserved (every actor
+    would take the node's first GPU unreserved) or GPUs reserved for CPU actors."""
+    if device == "cuda" and worker_gpus <= 0:
+        raise ConfigError("device=cuda with --workers needs worker_gpus > 0 (each actor's share of a GPU)")
+    if device == "cpu" and worker_gpus > 0:
+        raise ConfigError("device=cpu with worker_gpus > 0 would reserve GPUs that no actor uses")
+
 def evaluate_ray(
     run: str,
     index: str | None,
@@ -201,6 +210,7 @@ def evaluate_ray(
     per-user values, put back in user order from each row's index)."""
     from cobra_scale.distributed import init_ray
 
+    check_actor_device(device, worker_gpus)
     started = time.perf_counter()
     was_running = _ray_running()
     ray = init_ray(address)

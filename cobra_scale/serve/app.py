@@ -55,11 +55,16 @@ def base_settings(cfg: AppConfig, run: Path) -> dict:
 
 
 def _gpus(cfg: AppConfig) -> float:
+    """GPUs each recommender replica reserves: ``gpus_per_replica``, or for -1 the cluster's GPUs shared by the
+    replicas (at most one each; two replicas on a one-GPU machine get half each rather than one left pending)."""
+    if cfg.device == "cpu":
+        return 0.0
     if cfg.gpus_per_replica >= 0:
         return cfg.gpus_per_replica
     import ray
 
-    return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    return min(1.0, gpus / cfg.replicas) if gpus else 0.0
 
 
 def build_app(args: Any):

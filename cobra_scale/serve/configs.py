@@ -28,7 +28,7 @@ class AppConfig:
     recommender_cpus: float = field(1.0, help="Ray CPUs per recommender replica")
     shard_cpus: float = field(0.25, help="Ray CPUs per index shard replica")
     ingress_cpus: float = field(0.1, help="Ray CPUs of the HTTP ingress")
-    gpus_per_replica: float = field(-1.0, help="GPUs per recommender replica; -1 = 1 when the cluster has a GPU, else 0")
+    gpus_per_replica: float = field(-1.0, help="GPUs per recommender replica; -1 = the cluster's GPUs shared by the replicas (at most 1 each; 0 with none or device=cpu)")
     threads: int = field(0, help="torch CPU threads per recommender replica (0 = torch default)")
     device: str = field("auto", help="auto | cpu | cuda (recommender replicas)")
     history_table: Optional[str] = field(None, help="Parquet of user histories for user_id requests (an examples or sequences table)")
@@ -50,6 +50,10 @@ class AppConfig:
             raise ConfigError("batch_wait_timeout_s must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("device must be auto|cpu|cuda")
+        if self.device == "cuda" and self.gpus_per_replica == 0:
+            raise ConfigError("device=cuda needs a GPU share per replica: gpus_per_replica > 0, or -1 (the cluster's GPUs shared)")
+        if self.device == "cpu" and self.gpus_per_replica > 0:
+            raise ConfigError("device=cpu with gpus_per_replica > 0 would reserve GPUs that no replica uses")
         if self.recommender_cpus < 0 or self.shard_cpus < 0 or self.ingress_cpus < 0:
             raise ConfigError("CPU reservations must be >= 0")
 

@@ -61,6 +61,18 @@ def loopback_replica_grpc() -> None:
     replica_module.add_port_to_grpc_server = add_port
 
 
+def replica_device(device: str) -> str:
+    """The device a replica runs on: ``auto`` is CUDA only when Ray gave this replica a GPU (Ray does not hide the
+    node's GPUs from an actor that reserved none, and replicas sharing one unreserved would contend for it)."""
+    if device != "auto":
+        return device
+    import ray
+
+    if not ray.is_initialized():
+        return device
+    return "cuda" if ray.get_gpu_ids() else "cpu"
+
+
 # ----------------------------------------------------------------------------- shards
 
 
@@ -148,7 +160,7 @@ class RecommenderDeployment:
             from cobra_scale.serve.shards import ShardedIndex
 
             factory = lambda bundle: ShardedIndex([HandleShard(h, str(bundle.folder), bundle.key) for h in self.shards])  # noqa: E731
-        engine = ModelEngine(settings.run, settings.device, factory)
+        engine = ModelEngine(settings.run, replica_device(settings.device), factory)
         log.info("recommender serving %s (%s)", settings.run, engine.default_version)
         return engine
 

@@ -276,6 +276,10 @@ class TrainConfig:
             raise ConfigError("id_bank_negatives is built for the local launcher only; use same_id_negatives with launcher=ray")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("device must be auto|cpu|cuda")
+        if self.launcher == "ray" and self.device == "cuda" and not self.distributed.use_gpu:
+            raise ConfigError("launcher=ray device=cuda: Ray Train workers get GPUs only with distributed.use_gpu=true")
+        if self.launcher == "ray" and self.device == "cpu" and self.distributed.use_gpu:
+            raise ConfigError("launcher=ray device=cpu contradicts distributed.use_gpu=true (one GPU per worker)")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError("precision must be fp32 or bf16")
         if self.optimizer_impl not in ("auto", "fused", "foreach"):
