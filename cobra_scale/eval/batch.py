@@ -57,7 +57,7 @@ class SettingsResult:
 def score_batch(rec: Recommender, history: torch.Tensor, targets: list[np.ndarray], settings: list[Setting], ks: tuple[int, ...], device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Per-user metric columns ``{"<setting>/<metric>": (B,)}`` plus ``has_target`` (B,)."""
     kmax = max(ks)
-    sids = rec.diversity_sids if rec.diversity_sids is not None else rec.sids.cpu().numpy()
+    sids = rec.diversity_sids if rec.diversity_sids is not None else rec.sids_host
     out: dict[str, np.ndarray] = {}
     history = history.to(device)
     has = None
@@ -220,7 +220,7 @@ def evaluate_ray(
         rows = pack_users(history, targets)
         block = max(batch_users, -(-len(rows) // max(4 * workers, 1)))  # >= 4 blocks per actor
         ds = ray.data.from_numpy([rows[lo : lo + block] for lo in range(0, len(rows), block)])
-        threads = max(1, int(worker_cpus)) if worker_gpus == 0 else 0
+        threads = max(1, int(worker_cpus))  # GPU actors too: torch's default would take every core of the node
         scored = ds.map_batches(
             RecommenderActor,
             fn_constructor_kwargs={

@@ -83,6 +83,7 @@ class Recommender:
         for level in range(item_codes.shape[1]):
             sids = sids * k + item_codes[:, level]
         self.sids = sids
+        self.sids_host = sids.cpu().numpy()  # the same on the host, for metrics (one copy, not one per batch)
         self.diversity_sids = None  # (N,) int64 numpy array: the IDs diversity@K counts, when not these (eval's diversity_ids)
         self.masks = PrefixMasks(item_codes.cpu().numpy(), k, device=dev) if model.cfg.use_sparse else None
         if index is None and item_vectors is not None:
