@@ -180,7 +180,6 @@ class RecommenderActor:
         return {**score_batch(self.rec, history, targets, self.settings, self.ks, self.device), "row": batch["data"][:, 0]}
 
 
-
 def check_actor_device(device: str, worker_gpus: float) -> None:
     """Refuse the device settings an actor pool would not honour: a GPU device with no GPU reserved (every actor
     would take the node's first GPU unreserved) or GPUs reserved for CPU actors."""
@@ -188,6 +187,7 @@ def check_actor_device(device: str, worker_gpus: float) -> None:
         raise ConfigError("device=cuda with --workers needs worker_gpus > 0 (each actor's share of a GPU)")
     if device == "cpu" and worker_gpus > 0:
         raise ConfigError("device=cpu with worker_gpus > 0 would reserve GPUs that no actor uses")
+
 
 def evaluate_ray(
     run: str,
