@@ -56,7 +56,9 @@ def test_serve_refuses_contradicting_device_settings():
 
 
 def test_replicas_share_the_clusters_gpus_and_cpu_replicas_reserve_none(monkeypatch):
-    import ray
+    import pytest
+
+    ray = pytest.importorskip("ray")  # a bare GPU machine (tools/gpu_check.sh) has no Ray
 
     from cobra_scale.serve.app import _gpus
     from cobra_scale.serve.configs import ServeConfig
@@ -74,7 +76,9 @@ def test_replicas_share_the_clusters_gpus_and_cpu_replicas_reserve_none(monkeypa
 
 
 def test_a_replica_runs_on_cuda_only_with_a_gpu_of_its_own(monkeypatch):
-    import ray
+    import pytest
+
+    ray = pytest.importorskip("ray")  # a bare GPU machine (tools/gpu_check.sh) has no Ray
 
     from cobra_scale.serve.deployments import replica_device
 

@@ -18,6 +18,8 @@ export PYTHONPATH="$PWD/build/device_pkgs:$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHO
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
 $PY -m pytest -q -p no:cacheprovider tests/retrieve/test_cuda_inference.py tests/kernels/test_triton_contrastive.py \
-    tests/kernels/test_dispatch.py tests/test_devices.py 2>&1 | tee "$OUT/pytest.txt" | tail -15
+    tests/kernels/test_dispatch.py tests/test_devices.py > "$OUT/pytest.txt" 2>&1 \
+    || echo "some tests failed: $OUT/pytest.txt (the figures below still run)"
+tail -15 "$OUT/pytest.txt"
 $PY tools/bench_batching.py --device cuda --batches 1 4 16 64 --requests 256 | tee "$OUT/batching_beauty.jsonl"
 $PY tools/bench_batching.py --device cuda --items 1000000 --batches 1 16 64 --requests 256 | tee "$OUT/batching_1m.jsonl"
