@@ -118,3 +118,70 @@ def test_ray_training_refuses_contradicting_device_settings():
         load_config(TrainConfig, dotlist=[*base, "device=cpu", "distributed.use_gpu=true"])
     assert load_config(TrainConfig, dotlist=[*base, "device=cuda", "distributed.use_gpu=true"]).distributed.use_gpu
     assert load_config(TrainConfig, dotlist=["data=x", "ids=y", "out=z", "device=cuda"]).device == "cuda"  # local: no Ray
+
+
+# --- the faiss index follows the model onto the GPU (session 41) ---
+
+def test_index_search_device_follows_the_models_device():
+    import pytest
+
+    from cobra_scale.errors import ConfigError
+    from cobra_scale.retrieve.build import index_search_device
+
+    assert index_search_device("follow", "cuda") == "auto"  # GPU faiss when the build has one, else CPU
+    assert index_search_device("follow", "cuda:1") == "auto"
+    assert index_search_device("follow", "cpu") == "cpu"
+    for explicit in ("auto", "cpu", "cuda"):
+        assert index_search_device(explicit, "cpu") == explicit
+    with pytest.raises(ConfigError, match="index_device"):
+        index_search_device("gpu", "cpu")
+
+
+def test_eval_config_refuses_an_unknown_index_device():
+    import pytest
+
+    from cobra_scale.errors import ConfigError
+    from cobra_scale.train.configs import EvalConfig
+
+    assert EvalConfig(run="r").index_device == "follow"
+    with pytest.raises(ConfigError, match="index_device"):
+        EvalConfig(run="r", index_device="gpu0")
+
+
+def test_load_recommender_puts_the_index_where_the_model_runs(tmp_path, monkeypatch):
+    """The device the model resolves to decides the index's: ``follow`` asks IdIvfIndex.load for ``auto`` on CUDA."""
+    import pytest
+
+    pytest.importorskip("faiss")
+    import cobra_scale.retrieve.build as build
+    from cobra_scale.retrieve.faiss_index import IdIvfIndex
+    from tests.retrieve.fixtures import tiny_run
+
+    run = tiny_run(tmp_path / "run")
+    out = tmp_path / "index"
+    from cobra_scale.cli import main
+
+    assert main(["index", "--run", str(run), "--out", str(out)]) == 0
+    asked = []
+    real_load = IdIvfIndex.load.__func__
+
+    def spy(cls, folder, device="cpu"):
+        asked.append(device)
+        return real_load(cls, folder, device)
+
+    monkeypatch.setattr(IdIvfIndex, "load", classmethod(spy))
+    rec, *_ = build.load_recommender(run, out, "cpu")
+    assert asked == ["cpu"] and rec.index.device == "cpu"
+    rec, *_ = build.load_recommender(run, out, "cpu", "auto")  # faiss-cpu: auto stays on the CPU, no error
+    assert asked[-1] == "auto" and rec.index.device == ("cuda" if _faiss_gpus() else "cpu")
+    if not _faiss_gpus():
+        from cobra_scale.errors import CobraError
+
+        with pytest.raises(CobraError, match="no GPU"):
+            build.load_recommender(run, out, "cpu", "cuda")
+
+
+def _faiss_gpus() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0

@@ -164,12 +164,12 @@ class RecommenderActor:
     """A Ray Data actor: opens the run (and its index) once, then scores batches of users."""
 
     def __init__(self, run: str, index: str | None, device: str, settings: list[tuple[str, dict]], ks: tuple[int, ...], history_len: int, threads: int,
-                 diversity_ids: str | None = None):
+                 diversity_ids: str | None = None, index_device: str = "follow"):
         from cobra_scale.retrieve.build import load_recommender
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.rec, catalogue, _, self.device = load_recommender(run, index, device)
+        self.rec, catalogue, _, self.device = load_recommender(run, index, device, index_device)
         if diversity_ids:
             self.rec.diversity_sids = diversity_sids(diversity_ids, catalogue.item_ids)
         self.settings = [Setting(name, InferenceParams(**p)) for name, p in settings]
@@ -205,6 +205,7 @@ def evaluate_ray(
     progress: bool = True,
     diversity_ids: str | None = None,
     keep_users: bool = False,
+    index_device: str = "follow",
 ) -> SettingsResult:
     """Score every setting on every user with a Ray Data pool of ``workers`` actors (``keep_users``: also return the
     per-user values, put back in user order from each row's index)."""
@@ -232,6 +233,7 @@ def evaluate_ray(
                 "history_len": history.shape[1],
                 "threads": threads,
                 "diversity_ids": str(diversity_ids) if diversity_ids else None,
+                "index_device": index_device,
             },
             batch_size=batch_users,
             batch_format="numpy",

@@ -52,7 +52,7 @@ def run(cfg: EvalConfig) -> dict:
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ConfigError(f"unknown mode(s) {bad}")
-    rec, catalogue, tcfg, device = load_recommender(cfg.run, cfg.index, cfg.device)
+    rec, catalogue, tcfg, device = load_recommender(cfg.run, cfg.index, cfg.device, cfg.index_device)
     if cfg.diversity_ids:
         rec.diversity_sids = diversity_sids(cfg.diversity_ids, catalogue.item_ids)
     if "sparse_only" in modes and rec.sid_to_item is None:
@@ -79,7 +79,7 @@ def run(cfg: EvalConfig) -> dict:
         if cfg.workers > 0:
             res = evaluate_ray(cfg.run, cfg.index, users.history, users.targets, settings, ks, cfg.batch_users, cfg.workers,
                                cfg.worker_cpus, cfg.worker_gpus, cfg.device, cfg.ray_address, diversity_ids=cfg.diversity_ids,
-                               keep_users=keep_users)
+                               keep_users=keep_users, index_device=cfg.index_device)
         else:
             res = evaluate_local(rec, users.history, users.targets, settings, ks, cfg.batch_users, device, keep_users=keep_users)
         if keep_users:

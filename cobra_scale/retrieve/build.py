@@ -149,8 +149,26 @@ def run(cfg: IndexConfig) -> dict:
     }
 
 
-def load_recommender(run: str | Path, index: str | Path | None = None, device: str = "auto", index_device: str = "cpu"):
+INDEX_DEVICES = ("follow", "auto", "cpu", "cuda")
+
+
+def index_search_device(index_device: str, model_device: str) -> str:
+    """Where the faiss index searches (``IdIvfIndex.to_device``'s argument) given the model's resolved device."""
+    from cobra_scale.errors import ConfigError
+
+    if index_device not in INDEX_DEVICES:
+        raise ConfigError(f"index_device must be one of {'|'.join(INDEX_DEVICES)}, got {index_device!r}")
+    if index_device == "follow":
+        return "auto" if str(model_device).startswith("cuda") else "cpu"
+    return index_device
+
+
+def load_recommender(run: str | Path, index: str | Path | None = None, device: str = "auto", index_device: str = "follow"):
     """``(Recommender, Catalogue, TrainConfig, torch.device)`` of a run, optionally on its IVF index.
+
+    ``index_device`` places the faiss index's search copies (:meth:`IdIvfIndex.to_device`):
+    ``follow`` (default) searches on the GPU when the model runs on CUDA and the faiss build
+    has a GPU (else on the CPU, as ``auto``); ``cpu``, ``cuda`` and ``auto`` as there.
 
     With an index folder holding ``items.safetensors`` the catalogue is not tokenised and
     items are not re-encoded (the catalogue returned has ids and codes, no tokens). The run's
@@ -167,7 +185,8 @@ def load_recommender(run: str | Path, index: str | Path | None = None, device: s
     from cobra_scale.train.data import Catalogue
     from cobra_scale.train.trainer import encode_catalogue, load_run, load_weights
 
-    ivf = IdIvfIndex.load(index, device=index_device) if index else None
+    device = pick_device(device)
+    ivf = IdIvfIndex.load(index, device=index_search_device(index_device, device)) if index else None
     saved = load_items(index) if index else None
     if saved is None:
         model, catalogue, tcfg, dev = load_run(run, device)

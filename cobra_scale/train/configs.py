@@ -314,6 +314,8 @@ class EvalConfig:
     split: Optional[str] = field(None, help="split folder under <data>/splits to evaluate on, e.g. time or loo (default: the run's)")
     index: Optional[str] = field(None, help="index folder of `cobra index` (faiss IVF by sparse ID); default: exact search in memory")
     device: str = field("auto", help="auto | cpu | cuda (local path and the driver)")
+    index_device: str = field("follow", help="follow | auto | cpu | cuda: where faiss searches `index` (follow = on the GPU when inference "
+                              "runs on CUDA and the faiss build has one, else on the CPU)")
     workers: int = field(0, help="Ray Data actors scoring users (0 = in this process, no Ray)")
     worker_cpus: float = field(1.0, help="CPUs per Ray actor (also its torch threads)")
     worker_gpus: float = field(0.0, help="GPUs per Ray actor (> 0 runs inference on CUDA)")
@@ -342,6 +344,8 @@ class EvalConfig:
             raise ConfigError("confidence must be in (0, 1)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("device must be auto|cpu|cuda")
+        if self.index_device not in ("follow", "auto", "cpu", "cuda"):
+            raise ConfigError(f"index_device must be follow|auto|cpu|cuda, got {self.index_device!r}")
         bad = [n for n in self.grid_normalize if n not in ("per_beam", "global")]
         if bad:
             raise ConfigError(f"grid_normalize takes per_beam and/or global, got {bad}")
