@@ -49,6 +49,7 @@ from cobra_scale.train.data import (
 
 log = logging.getLogger(__name__)
 TRIM_EVERY_STEPS = 10  # return the heap of variable-shape batches to the OS (devices.trim_host_memory)
+POSTFIX_EVERY_STEPS = 20  # the progress bar's loss readout (each read is a GPU sync)
 
 
 # ----------------------------------------------------------------------------- building
@@ -522,7 +523,7 @@ def run(cfg: TrainConfig) -> dict:
         epoch_started = time.perf_counter()
         batches = epoch_batches(lengths, cfg, epoch)
         rng = np.random.default_rng([cfg.seed, epoch])
-        sums = {"total": 0.0, "sparse": 0.0, "dense": 0.0}
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # total, sparse, dense: summed on the device, read once an epoch
         if (cfg.catalogue_negatives or cfg.id_bank_negatives) and cfg.model.use_dense:  # each epoch the bank starts from the current weights
             vectors = encode_catalogue(model, catalogue, device, rows=not cfg.catalogue_live_rows)
             if bank is None:
@@ -548,13 +549,14 @@ def run(cfg: TrainConfig) -> dict:
                                 live_rows=cfg.catalogue_live_rows)
             if ema is not None:
                 ema.update_parameters(model)
-            for k in sums:
-                sums[k] += float(getattr(losses, k).detach())
+            sums += torch.stack([losses.total.detach(), losses.sparse.detach(), losses.dense.detach()]).double()
             state["step"] += 1
             if state["step"] % TRIM_EVERY_STEPS == 0:
                 trim_host_memory()
-            bar.set_postfix(sparse=f"{float(losses.sparse.detach()):.3f}", dense=f"{float(losses.dense.detach()):.3f}")
-        record = {"epoch": epoch, "step": state["step"], **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
+            if (i + 1) % POSTFIX_EVERY_STEPS == 0 or i + 1 == steps_per_epoch:  # reading a loss waits for the GPU: not every step
+                bar.set_postfix(sparse=f"{float(losses.sparse.detach()):.3f}", dense=f"{float(losses.dense.detach()):.3f}")
+        means = dict(zip(("total", "sparse", "dense"), (sums / steps_per_epoch).tolist()))
+        record = {"epoch": epoch, "step": state["step"], **{f"train_{k}": v for k, v in means.items()},
                   "temperature": float(model.temperature.detach()), "elapsed_s": round(time.perf_counter() - started, 1),
                   **repeat_offsets(model)}
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
