@@ -171,7 +171,13 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=0, help="HTTP port (0 = a free one)")
     p.add_argument("--out", help="write the results JSON here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a ServeConfig override, repeatable (e.g. --set inference.psi=40 --set inference.free_mix_weight=0.3)")
     args = p.parse_args(argv)
+    bad = [x for x in args.set if "=" not in x or not x.split("=", 1)[0].strip()]
+    if bad:
+        print(f"error: --set takes KEY=VALUE, got {bad}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -203,10 +209,18 @@ def main(argv=None) -> int:
     def config(batch: int) -> ServeConfig:
         cfg = load_config(ServeConfig, dotlist=[
             f"run={run}", f"port={args.port}", f"replicas={args.replicas}", f"shards={args.shards}", f"threads={args.threads}",
-            f"max_ongoing_requests={max(64, 2 * args.batch)}", "recommender_cpus=0.5", "ready_timeout_s=900",
+            f"max_ongoing_requests={max(64, 2 * args.batch)}", "recommender_cpus=0.5", "ready_timeout_s=900", *args.set,
         ])
         cfg.user_config = {"max_batch_size": batch, "batch_wait_timeout_s": args.batch_wait if batch > 1 else 0.0}
         return cfg
+
+    from cobra_scale.errors import CobraError
+
+    try:
+        config(args.batch)  # a bad --set is a one-line error here, not a traceback from inside the service
+    except CobraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     results: list[dict] = []
     started = time.time()

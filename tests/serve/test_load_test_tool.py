@@ -26,3 +26,18 @@ def test_unknown_ids_are_above_the_catalogue_not_the_sampled_histories(tmp_path)
     histories = tool.histories_of(run, 3)
     assert histories and max(max(h) for h in histories) <= 40
     assert np.all(np.asarray([i for h in histories for i in h]) <= tool.catalogue_max_id(run))
+
+
+def test_bad_overrides_are_refused_in_one_line_before_anything_starts(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("load_test", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("load_test", tool)
+    spec.loader.exec_module(tool)
+    data = tiny_dataset(tmp_path / "data", n_items=40)
+    run = tmp_path / "run"
+    save_config(load_config(TrainConfig, dotlist=[f"data={data}", f"ids={data / 'ids'}", f"out={run}"]), run)
+    assert tool.main(["--run", str(run), "--set", "inference.psi"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert tool.main(["--run", str(run), "--set", "inference.no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no_such_key" in err and "Traceback" not in err
