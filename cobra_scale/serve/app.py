@@ -46,10 +46,13 @@ def limits_for(cfg: AppConfig, run: Path) -> Limits:
 def base_settings(cfg: AppConfig, run: Path) -> dict:
     """The recommender's base :class:`~cobra_scale.serve.engine.Settings` (``user_config`` overrides it)."""
     inf = cfg.inference
+    from cobra_scale.train.configs import TrainConfig
+
+    max_per_id = inf.max_per_id or load_config(TrainConfig, run / "config.yaml").inference.max_per_id  # 0: the run's, as `cobra eval`
     return {
         "run": str(run), "version": cfg.version, "mode": inf.mode, "beams": inf.beams, "tau": inf.tau, "psi": inf.psi,
         "normalize": inf.normalize, "prior_weight": inf.prior_weight, "free_query_weight": inf.free_query_weight,
-        "free_mix_weight": inf.free_mix_weight, "free_mix_candidates": inf.free_mix_candidates, "exclude_history": cfg.exclude_history, "max_batch_size": cfg.max_batch_size,
+        "free_mix_weight": inf.free_mix_weight, "free_mix_candidates": inf.free_mix_candidates, "max_per_id": max_per_id, "exclude_history": cfg.exclude_history, "max_batch_size": cfg.max_batch_size,
         "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "threads": cfg.threads, "device": cfg.device,
     }
 

@@ -112,8 +112,8 @@ class IndexShardDeployment:
             index = self._indexes[key]
         return index
 
-    def search_in_ids(self, folder: str, key: str, queries, sids):
-        return self._index(folder, key).search_in_ids(queries, sids)
+    def search_in_ids(self, folder: str, key: str, queries, sids, k: int | None = None):
+        return self._index(folder, key).search_in_ids(queries, sids, k)
 
     def search(self, folder: str, key: str, queries, k: int, exclude=None):
         return self._index(folder, key).search(queries, k, exclude)
@@ -165,6 +165,7 @@ class RecommenderDeployment:
         return engine
 
     def _apply(self, settings: Settings) -> None:
+        self.engine.set_max_per_id(settings.max_per_id)
         self.infer.set_max_batch_size(settings.max_batch_size)
         self.infer.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 

@@ -57,6 +57,8 @@ class Settings(BaseModel):
                                    description="mode cobra: weight of the model's ID-free ranking mixed into BeamFusion (a model trained "
                                    "with model.history_dense_weight > 0); 0 = the paper's COBRA")
     free_mix_candidates: int = Field(0, ge=0, le=100_000, description="the ID-free ranking's top items the mixture adds (0 = the request's k)")
+    max_per_id: int = Field(0, ge=0, description="candidates per beam's ID scored by BeamFusion: the best N by cosine (0 = every item of the "
+                            "ID); the app's default is the run's inference.max_per_id, as `cobra eval` uses it")
     max_batch_size: int = Field(32, ge=1, description="requests per batched beam search (1 = no batching)")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch default)")
@@ -114,6 +116,12 @@ class ModelEngine:
         self.modes = available_modes(cfg.model.use_sparse, cfg.model.use_dense)
         self.key = self.bundle.key
         self.default_version = f"{self.run.name}@{self.key[:8]}"
+
+    def set_max_per_id(self, n: int) -> None:
+        """Candidates per beam's ID (0 = all) of this engine's index, local or sharded."""
+        index = self.recommender.index
+        if index is not None:
+            index.max_per_id = int(n)
 
     # ------------------------------------------------------------------ per request
 

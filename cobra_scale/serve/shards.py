@@ -73,9 +73,9 @@ class IndexShard:
     def _to_global(self, items: torch.Tensor) -> torch.Tensor:
         return torch.where(items >= 0, items + self.lo, items)
 
-    def search_in_ids(self, queries: torch.Tensor, sids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q, d), (Q,) -> items (Q, C) global, -1 padded; cos (Q, C), -inf padded."""
-        items, cos = self.index.search_in_ids(queries, sids)
+    def search_in_ids(self, queries: torch.Tensor, sids: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, d), (Q,) -> items (Q, C) global, -1 padded; cos (Q, C), -inf padded (``k``: at most the best k per query)."""
+        items, cos = self.index.search_in_ids(queries, sids, k) if k else self.index.search_in_ids(queries, sids)
         return self._to_global(items), cos
 
     def search(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,22 +118,34 @@ class LocalShard:
 
 
 class ShardedIndex:
-    """Fan a query batch out to every shard, merge into one answer (ExactIdIndex's interface)."""
+    """Fan a query batch out to every shard, merge into one answer (ExactIdIndex's interface).
 
-    def __init__(self, shards: list[ShardClient]):
+    ``max_per_id`` (0 = all) caps the candidates of each beam's ID as ``ExactIdIndex`` does: each shard returns its
+    best ``max_per_id`` of the ID, and the merge keeps the best ``max_per_id`` of their union (the same set as one index).
+    """
+
+    def __init__(self, shards: list[ShardClient], max_per_id: int = 0):
         if not shards:
             raise ValueError("ShardedIndex needs at least one shard")
+        if max_per_id < 0:
+            raise ValueError(f"max_per_id must be >= 0, got {max_per_id}")
         self.shards = shards
+        self.max_per_id = int(max_per_id)
 
     def _gather(self, method: str, *args) -> list[tuple[torch.Tensor, torch.Tensor]]:
         futures = [s.submit(method, *args) for s in self.shards]  # all in flight before waiting on any
         return [f.result() for f in futures]
 
-    def search_in_ids(self, queries: torch.Tensor, sids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def search_in_ids(self, queries: torch.Tensor, sids: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         device = queries.device
-        parts = self._gather("search_in_ids", queries.detach().cpu(), sids.cpu())
+        cap = int(k or self.max_per_id)
+        args = (queries.detach().cpu(), sids.cpu()) + ((cap,) if cap else ())
+        parts = self._gather("search_in_ids", *args)
         items = torch.cat([p[0] for p in parts], dim=1)
         cos = torch.cat([p[1] for p in parts], dim=1)
+        if cap and cos.shape[1] > cap:
+            cos, pos = cos.topk(cap, dim=1)
+            items = items.gather(1, pos)
         return items.to(device), cos.to(device)
 
     def search(self, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

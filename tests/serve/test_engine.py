@@ -99,3 +99,48 @@ def test_history_table_from_a_split(tiny_data):
     for row in rows[:20]:
         assert table.lookup(row["user_id"]) == row["history"]
     assert table.lookup(10_000) is None
+
+
+def test_max_per_id_caps_local_and_sharded_engines_alike(tiny_run):
+    """Settings.max_per_id reaches the index, local or sharded, and answers as `cobra eval`'s Recommender with that cap."""
+    from cobra_scale.retrieve.recommender import InferenceParams, Recommender
+    from cobra_scale.serve.bundle import load_bundle
+
+    def factory(bundle):
+        return ShardedIndex([LocalShard(load_shard(bundle.folder, i, 2)[0]) for i in range(2)])
+
+    local, sharded = ModelEngine(tiny_run, "cpu"), ModelEngine(tiny_run, "cpu", factory)
+    bundle = load_bundle(ensure_bundle(tiny_run))
+    reference = Recommender(local.recommender.model, bundle.codes, bundle.vectors, max_per_id=2)
+    assert reference.index.max_bucket > 2  # the cap cuts some ID
+    s = settings(tiny_run, max_per_id=2)
+    reqs = [{"items": [5, 6, 7], "k": 10}, {"items": [30, 2], "k": 8}]
+    uncapped = local.run_batch([local.prepare(r, settings(tiny_run)) for r in reqs])
+    for engine in (local, sharded):
+        engine.set_max_per_id(s.max_per_id)
+    history = torch.full((2, local.max_history), -1, dtype=torch.long)
+    for row, r in enumerate(reqs):
+        idx = torch.from_numpy(bundle.index_of(np.asarray(r["items"])))
+        history[row, local.max_history - len(idx):] = idx
+    want_items, want_scores = reference.recommend(history, 10, InferenceParams(beams=8))
+    for engine in (local, sharded):
+        got = engine.run_batch([engine.prepare(r, s) for r in reqs])
+        for row, (res, k) in enumerate(zip(got, (10, 8))):
+            keep = torch.isfinite(want_scores[row, :k])
+            assert [x["item_id"] for x in res["items"]] == bundle.item_ids[want_items[row, :k][keep].numpy()].tolist()
+            np.testing.assert_allclose([x["score"] for x in res["items"]], want_scores[row, :k][keep].numpy(), rtol=1e-5, atol=1e-6)
+    assert [r["items"] for r in uncapped] != [r["items"] for r in local.run_batch([local.prepare(r, s) for r in reqs])]  # the cap matters here
+
+
+def test_the_apps_default_max_per_id_is_the_runs(tiny_run):
+    from cobra_scale.config import load_config, save_config
+    from cobra_scale.serve.app import base_settings
+    from cobra_scale.serve.configs import ServeConfig
+    from cobra_scale.train.configs import TrainConfig
+
+    run_max = load_config(TrainConfig, tiny_run / "config.yaml").inference.max_per_id
+    assert base_settings(ServeConfig(run=str(tiny_run)), tiny_run)["max_per_id"] == run_max
+    cfg = load_config(ServeConfig, dotlist=[f"run={tiny_run}", "inference.max_per_id=7"])
+    assert base_settings(cfg, tiny_run)["max_per_id"] == 7
+    with pytest.raises(Exception, match="max_per_id"):
+        Settings(run=str(tiny_run), max_per_id=-1)

@@ -73,3 +73,25 @@ def test_faiss_shards_answer_like_exact_ones():
     want_items, want = exact.search(q, 12)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_items, want_items)
+
+
+@pytest.mark.parametrize("num_shards,kind", [(1, "exact"), (3, "exact"), (4, "faiss")])
+def test_max_per_id_keeps_the_same_best_candidates_as_one_index(num_shards, kind):
+    """Serve's shards honour max_per_id: each shard's best N of an ID, merged, are one index's best N."""
+    if kind == "faiss":
+        pytest.importorskip("cobra_scale.retrieve.faiss_index")
+    vectors, sids = make(n=300, ids=4)  # ~75 items per ID, so a cap of 10 cuts
+    exact = ExactIdIndex(vectors, sids, max_per_id=10)
+    index = sharded(vectors, sids, num_shards, kind)
+    index.max_per_id = 10
+    q, qs = torch.randn(12, 8), torch.randint(0, 5, (12,))  # ID 4 exists nowhere: empty answers
+    got, want = index.search_in_ids(q, qs), exact.search_in_ids(q, qs)
+    assert got[0].shape[1] == 10
+    assert_same_candidates(got, want)
+    assert all(len(s) == 10 for s, sid in zip(as_sets(*got), qs) if sid < 4)
+    # an explicit k wins over the cap, as ExactIdIndex's does
+    assert_same_candidates(index.search_in_ids(q, qs, 3), exact.search_in_ids(q, qs, 3))
+    index.max_per_id = 0
+    assert_same_candidates(index.search_in_ids(q, qs), ExactIdIndex(vectors, sids).search_in_ids(q, qs))
+    with pytest.raises(ValueError, match="max_per_id"):
+        ShardedIndex([LocalShard(IndexShard.build(vectors, sids, 0, len(vectors)))], max_per_id=-1)
