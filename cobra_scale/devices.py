@@ -39,6 +39,17 @@ def pick_precision(precision: str, device: str) -> str:
     return "fp32"
 
 
+def set_tf32(enabled: bool, device: str) -> bool:
+    """On CUDA, let fp32 matmuls use TF32 tensor cores (``torch.set_float32_matmul_precision("high")``); returns
+    whether it did. CPUs are left at torch's default ("highest"): there the setting would not mean TF32."""
+    import torch
+
+    if not enabled or device != "cuda":
+        return False
+    torch.set_float32_matmul_precision("high")
+    return True
+
+
 def trim_host_memory() -> None:
     """Return freed heap memory to the OS (glibc ``malloc_trim``); a no-op elsewhere.
 

@@ -185,3 +185,15 @@ def _faiss_gpus() -> int:
     import faiss
 
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def test_tf32_is_set_on_cuda_only(monkeypatch):
+    from cobra_scale.devices import set_tf32
+    from cobra_scale.train.configs import TrainConfig
+
+    calls = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    assert TrainConfig(data="d", ids="i", out="o").tf32 is True
+    assert set_tf32(True, "cpu") is False and calls == []  # the CPU keeps torch's "highest"
+    assert set_tf32(False, "cuda") is False and calls == []
+    assert set_tf32(True, "cuda") is True and calls == ["high"]

@@ -142,6 +142,7 @@ class TrainConfig:
     threads: int = field(0, help="torch CPU threads; 0 = all cores")
     device: str = field("auto", help="auto | cpu | cuda")
     precision: str = field("fp32", help="fp32 | bf16 (autocast; standard on GPUs, ~1.4x faster on CPUs with AVX512-BF16/AMX; falls back to fp32 on CPUs without native bf16, where it would be ~50x slower)")
+    tf32: bool = field(True, help="on CUDA: fp32 matmuls on TF32 tensor cores (Ampere and later; float32 matmul precision 'high'); no effect on CPU")
     init_embeddings: bool = field(True, help="initialise token embeddings from all-MiniLM-L6-v2 (PCA-projected)")
     item_embedding_init: str = field(
         "zeros",

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from cobra_scale.config import save_config
-from cobra_scale.devices import pick_precision, trim_host_memory
+from cobra_scale.devices import pick_precision, set_tf32, trim_host_memory
 from cobra_scale.errors import CobraError, ConfigError, DataError
 from cobra_scale.train.configs import TrainConfig
 
@@ -357,6 +357,7 @@ def train_loop_per_worker(config: dict) -> None:
     stage = zero_stage(ds_config)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     precision = "fp32" if ds_config.get("bf16", {}).get("enabled") is True else pick_precision(cfg.precision, device.type)
+    set_tf32(cfg.tf32, device.type)
     torch.manual_seed(cfg.seed + 1 + rank)  # independent dropout per rank
 
     state = {"epoch": 0, "step": 0, "batches": 0, "sums": {}, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": []}

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from cobra_scale.config import load_config, save_config
-from cobra_scale.devices import pick_device, pick_precision, trim_host_memory
+from cobra_scale.devices import pick_device, pick_precision, set_tf32, trim_host_memory
 from cobra_scale.errors import CobraError, DataError
 from cobra_scale.model.beam import PrefixMasks
 from cobra_scale.model.cobra import Batch, CobraModel, Losses
@@ -468,6 +468,7 @@ def run(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     device = torch.device(pick_device(cfg.device))
     precision = pick_precision(cfg.precision, device.type)
+    set_tf32(cfg.tf32, device.type)
     out = Path(cfg.out)
     catalogue, _ = prepare(cfg)
     split = Path(cfg.data) / "splits" / cfg.split
