@@ -255,8 +255,18 @@ def main(argv=None) -> int:
                     killed.update(pid=victim, at_request=i, at_s=round(time.monotonic() - t0, 2))
                     log.info("killed recommender replica pid %d at request %d", victim, i)
 
+            def batching() -> dict:
+                return get("/models")["models"]["default"].get("batching") or {}
+
+            seen = batching() if args.replicas == 1 and not kill else None  # /models answers from one replica
             t0 = time.monotonic()
             await drive(url, valid_body, res, args.requests, args.duration, args.concurrency, args.retries, on_progress=maybe_kill)
+            if seen is not None:
+                now = batching()
+                batches = now.get("batches", 0) - seen.get("batches", 0)
+                if batches > 0:  # how full the replica's batches were, and what one cost (the model step + shard calls)
+                    res.notes["mean_batch"] = round((now["requests"] - seen["requests"]) / batches, 2)
+                    res.notes["mean_batch_ms"] = round(1000 * (now["seconds"] - seen["seconds"]) / batches, 1)
             if kill:
                 res.notes["killed"] = killed
                 deadline = time.monotonic() + 300

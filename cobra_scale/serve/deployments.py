@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -149,6 +150,8 @@ class RecommenderDeployment:
         self.settings = Settings(**self.base)
         self.engine = self._load(self.settings)
         self._apply(self.settings)
+        # this replica's batching since it started: how full its batches are and what they cost (GET /models)
+        self.batching = {"batches": 0, "requests": 0, "seconds": 0.0}
 
     def _load(self, settings: Settings) -> ModelEngine:
         import torch
@@ -198,11 +201,17 @@ class RecommenderDeployment:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def infer(self, batch: list[tuple[ModelEngine, object]]) -> list[dict]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, _run_batches, batch)
+        started = time.perf_counter()
+        out = await loop.run_in_executor(self.pool, _run_batches, batch)
+        stats = self.batching
+        stats["batches"] += 1
+        stats["requests"] += len(batch)
+        stats["seconds"] += time.perf_counter() - started
+        return out
 
     async def info(self) -> dict:
         return {"version": self.settings.version or self.engine.default_version, "pid": os.getpid(), "shards": len(self.shards),
-                "settings": self.settings.model_dump(), **self.engine.info()}
+                "settings": self.settings.model_dump(), "batching": dict(self.batching), **self.engine.info()}
 
     def check_health(self) -> None:
         if self.engine is None:

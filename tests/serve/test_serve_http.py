@@ -154,6 +154,8 @@ def test_user_config_reconfigures_without_restart_and_swaps_the_model(service, t
     _, before = call(url, "/recommend", body)
     _, info = call(url, "/models")
     pid = info["models"]["default"]["pid"]
+    batching = info["models"]["default"]["batching"]  # the replica's own count of its batches (load_test reads it)
+    assert batching["batches"] >= 1 and batching["requests"] >= batching["batches"] and batching["seconds"] > 0
 
     def redeploy(user_config):  # the same app, a new user_config: what `serve deploy` of an edited YAML does
         new = serve_config(tiny_run, cfg.port, tiny_data)
