@@ -19,13 +19,13 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
 from cobra_scale.serve.api import ApiError, build_api
+from cobra_scale.serve.coalesce import Coalescer
 from cobra_scale.serve.engine import ModelEngine, Refusal, Settings
 from cobra_scale.serve.schemas import Limits
 from cobra_scale.serve.service import HistoryTable, ServiceBackend
@@ -133,6 +133,20 @@ class HandleShard:
 # ----------------------------------------------------------------------------- recommender
 
 
+WAITING_BATCHES = 256  # Serve batches a replica accepts at once: >= max_ongoing_requests, as each holds >= 1 request
+
+
+def _quiet_batch_bound_warning() -> None:
+    """Serve warns when max_batch_size x max_concurrent_batches exceeds max_ongoing_requests, reading it as
+    concurrent model calls; here the batches merge (the coalescer), so the bound that matters is max_batch_size."""
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "max_concurrent_batches" not in record.getMessage()
+
+    logging.getLogger("ray.serve").addFilter(_Filter())
+
+
 @serve.deployment(name="Recommender", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class RecommenderDeployment:
     """One model version: batched beam search + BeamFusion over the (sharded) index.
@@ -149,9 +163,10 @@ class RecommenderDeployment:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="cobra-infer")  # model calls leave the event loop
         self.settings = Settings(**self.base)
         self.engine = self._load(self.settings)
+        # Serve's batches that wait for the model merge into its next call (serve/coalesce.py), up to max_batch_size
+        self.coalescer = Coalescer(_run_batches, self.pool, lambda: self.settings.max_batch_size)
+        _quiet_batch_bound_warning()
         self._apply(self.settings)
-        # this replica's batching since it started: how full its batches are and what they cost (GET /models)
-        self.batching = {"batches": 0, "requests": 0, "seconds": 0.0}
 
     def _load(self, settings: Settings) -> ModelEngine:
         import torch
@@ -198,20 +213,15 @@ class RecommenderDeployment:
             result["model_version"] = settings.version or engine.default_version
         return result
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    # Serve hands over a batch as soon as it is formed, even while the model is busy; letting many through
+    # (max_concurrent_batches) lets them wait in the coalescer, which merges them, instead of running one by one.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=WAITING_BATCHES)
     async def infer(self, batch: list[tuple[ModelEngine, object]]) -> list[dict]:
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        out = await loop.run_in_executor(self.pool, _run_batches, batch)
-        stats = self.batching
-        stats["batches"] += 1
-        stats["requests"] += len(batch)
-        stats["seconds"] += time.perf_counter() - started
-        return out
+        return await self.coalescer.submit(batch)
 
     async def info(self) -> dict:
         return {"version": self.settings.version or self.engine.default_version, "pid": os.getpid(), "shards": len(self.shards),
-                "settings": self.settings.model_dump(), "batching": dict(self.batching), **self.engine.info()}
+                "settings": self.settings.model_dump(), "batching": dict(self.coalescer.stats), **self.engine.info()}
 
     def check_health(self) -> None:
         if self.engine is None:
