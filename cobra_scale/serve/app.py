@@ -43,16 +43,27 @@ def limits_for(cfg: AppConfig, run: Path) -> Limits:
     return Limits(max_k=cfg.max_k, max_history=cfg.max_history or model_window(run), max_beams=cfg.max_beams, max_body_bytes=cfg.max_body_bytes)
 
 
-def base_settings(cfg: AppConfig, run: Path) -> dict:
-    """The recommender's base :class:`~cobra_scale.serve.engine.Settings` (``user_config`` overrides it)."""
-    inf = cfg.inference
+def served_inference(cfg: AppConfig, run: Path):
+    """The run's own inference settings (``config.yaml``'s ``inference``, what `cobra eval` uses) with the app's
+    ``inference`` keys over them."""
+    import dataclasses
+
     from cobra_scale.train.configs import TrainConfig
 
-    max_per_id = inf.max_per_id or load_config(TrainConfig, run / "config.yaml").inference.max_per_id  # 0: the run's, as `cobra eval`
+    own = load_config(TrainConfig, run / "config.yaml").inference
+    try:
+        return dataclasses.replace(own, **{str(k): v for k, v in dict(cfg.inference).items()})
+    except TypeError as exc:  # an unknown key (AppConfig checks them too)
+        raise ConfigError(f"inference: {exc}") from None
+
+
+def base_settings(cfg: AppConfig, run: Path) -> dict:
+    """The recommender's base :class:`~cobra_scale.serve.engine.Settings` (``user_config`` overrides it)."""
+    inf = served_inference(cfg, run)
     return {
         "run": str(run), "version": cfg.version, "mode": inf.mode, "beams": inf.beams, "tau": inf.tau, "psi": inf.psi,
         "normalize": inf.normalize, "prior_weight": inf.prior_weight, "free_query_weight": inf.free_query_weight,
-        "free_mix_weight": inf.free_mix_weight, "free_mix_candidates": inf.free_mix_candidates, "max_per_id": max_per_id, "exclude_history": cfg.exclude_history, "max_batch_size": cfg.max_batch_size,
+        "free_mix_weight": inf.free_mix_weight, "free_mix_candidates": inf.free_mix_candidates, "max_per_id": inf.max_per_id, "exclude_history": cfg.exclude_history, "max_batch_size": cfg.max_batch_size,
         "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "threads": cfg.threads, "device": cfg.device,
     }
 
@@ -110,4 +121,4 @@ def build_app(args: Any):
     return ingress
 
 
-__all__ = ["DEFAULT_SLOT", "app_config", "base_settings", "build_app", "limits_for"]
+__all__ = ["DEFAULT_SLOT", "app_config", "base_settings", "build_app", "limits_for", "served_inference"]

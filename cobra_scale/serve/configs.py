@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from cobra_scale.config import field
@@ -37,10 +37,15 @@ class AppConfig:
     max_beams: int = field(256, help="largest beams a request may ask for")
     max_body_bytes: int = field(65536, help="request bodies above this size get 413")
     exclude_history: bool = field(False, help="default: do not recommend the history's own items")
-    inference: InferenceConfig = dc_field(default_factory=InferenceConfig)
+    inference: dict = field({}, help="inference settings over the served run's own (its config.yaml `inference`, as `cobra eval` "
+                            "uses them): any of its keys, e.g. inference.beams=160 inference.psi=40")
     user_config: dict = field({}, help="recommender user_config overrides (tau, psi, beams, mode, run, max_batch_size, ...)")
 
     def __post_init__(self) -> None:
+        known = {f.name for f in fields(InferenceConfig)}
+        unknown = sorted(str(k) for k in self.inference if k not in known)
+        if unknown:
+            raise ConfigError(f"inference: unknown key(s) {unknown} (known: {', '.join(sorted(known))})")
         for name in ("replicas", "shard_replicas", "max_batch_size", "max_ongoing_requests", "max_k", "max_beams", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")

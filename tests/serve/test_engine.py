@@ -132,6 +132,26 @@ def test_max_per_id_caps_local_and_sharded_engines_alike(tiny_run):
     assert [r["items"] for r in uncapped] != [r["items"] for r in local.run_batch([local.prepare(r, s) for r in reqs])]  # the cap matters here
 
 
+def test_the_app_serves_the_runs_inference_settings_unless_told_otherwise(tiny_run):
+    from cobra_scale.config import load_config
+    from cobra_scale.errors import ConfigError
+    from cobra_scale.serve.app import base_settings
+    from cobra_scale.serve.configs import ServeConfig
+    from cobra_scale.train.configs import TrainConfig
+
+    own = load_config(TrainConfig, tiny_run / "config.yaml").inference
+    assert own.beams == 8  # the fixture's run (InferenceConfig's default is 20)
+    base = base_settings(ServeConfig(run=str(tiny_run)), tiny_run)
+    assert (base["beams"], base["psi"], base["tau"], base["normalize"]) == (own.beams, own.psi, own.tau, own.normalize)
+    cfg = load_config(ServeConfig, dotlist=[f"run={tiny_run}", "inference.beams=12", "inference.psi=33"])
+    base = base_settings(cfg, tiny_run)
+    assert (base["beams"], base["psi"], base["tau"]) == (12, 33, own.tau)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(ServeConfig, dotlist=[f"run={tiny_run}", "inference.beam=12"])
+    with pytest.raises(ConfigError, match="max_per_id"):
+        base_settings(load_config(ServeConfig, dotlist=[f"run={tiny_run}", "inference.max_per_id=-1"]), tiny_run)
+
+
 def test_the_apps_default_max_per_id_is_the_runs(tiny_run):
     from cobra_scale.config import load_config, save_config
     from cobra_scale.serve.app import base_settings
