@@ -215,9 +215,10 @@ def main(argv=None) -> int:
         return cfg
 
     from cobra_scale.errors import CobraError
+    from cobra_scale.serve.app import base_settings
 
-    try:
-        config(args.batch)  # a bad --set is a one-line error here, not a traceback from inside the service
+    try:  # a bad --set is a one-line error here, not a traceback from inside the service
+        base_settings(config(args.batch), run)
     except CobraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

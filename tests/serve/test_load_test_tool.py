@@ -41,3 +41,6 @@ def test_bad_overrides_are_refused_in_one_line_before_anything_starts(tmp_path, 
     assert tool.main(["--run", str(run), "--set", "inference.no_such_key=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no_such_key" in err and "Traceback" not in err
+    assert tool.main(["--run", str(run), "--set", "inference.max_per_id=-1"]) == 2  # a bad value, over the run's settings
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "max_per_id" in err
