@@ -32,11 +32,16 @@ def app_config(args: Any) -> AppConfig:
     return config_from_mapping(AppConfig, args)
 
 
-def model_window(run: Path) -> int:
-    """History items the run's model reads (``max_items - 1``)."""
+def run_config(run: Path):
+    """The served run's :class:`~cobra_scale.train.configs.TrainConfig` (its ``config.yaml``)."""
     from cobra_scale.train.configs import TrainConfig
 
-    return load_config(TrainConfig, run / "config.yaml").model.max_items - 1
+    return load_config(TrainConfig, run / "config.yaml")
+
+
+def model_window(run: Path) -> int:
+    """History items the run's model reads (``max_items - 1``)."""
+    return run_config(run).model.max_items - 1
 
 
 def limits_for(cfg: AppConfig, run: Path) -> Limits:
@@ -45,16 +50,10 @@ def limits_for(cfg: AppConfig, run: Path) -> Limits:
 
 def served_inference(cfg: AppConfig, run: Path):
     """The run's own inference settings (``config.yaml``'s ``inference``, what `cobra eval` uses) with the app's
-    ``inference`` keys over them."""
+    ``inference`` keys over them (AppConfig has checked the keys; InferenceConfig checks the values)."""
     import dataclasses
 
-    from cobra_scale.train.configs import TrainConfig
-
-    own = load_config(TrainConfig, run / "config.yaml").inference
-    try:
-        return dataclasses.replace(own, **{str(k): v for k, v in dict(cfg.inference).items()})
-    except TypeError as exc:  # an unknown key (AppConfig checks them too)
-        raise ConfigError(f"inference: {exc}") from None
+    return dataclasses.replace(run_config(run).inference, **{str(k): v for k, v in dict(cfg.inference).items()})
 
 
 def base_settings(cfg: AppConfig, run: Path) -> dict:

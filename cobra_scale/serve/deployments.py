@@ -136,15 +136,18 @@ class HandleShard:
 WAITING_BATCHES = 256  # Serve batches a replica accepts at once: >= max_ongoing_requests, as each holds >= 1 request
 
 
-def _quiet_batch_bound_warning() -> None:
+class _BatchBoundFilter(logging.Filter):
     """Serve warns when max_batch_size x max_concurrent_batches exceeds max_ongoing_requests, reading it as
     concurrent model calls; here the batches merge (the coalescer), so the bound that matters is max_batch_size."""
 
-    class _Filter(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "max_concurrent_batches" not in record.getMessage()
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "max_concurrent_batches" not in record.getMessage()
 
-    logging.getLogger("ray.serve").addFilter(_Filter())
+
+def _quiet_batch_bound_warning() -> None:
+    serve_log = logging.getLogger("ray.serve")
+    if not any(isinstance(f, _BatchBoundFilter) for f in serve_log.filters):  # once per process
+        serve_log.addFilter(_BatchBoundFilter())
 
 
 @serve.deployment(name="Recommender", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
