@@ -197,3 +197,28 @@ def test_tf32_is_set_on_cuda_only(monkeypatch):
     assert set_tf32(True, "cpu") is False and calls == []  # the CPU keeps torch's "highest"
     assert set_tf32(False, "cuda") is False and calls == []
     assert set_tf32(True, "cuda") is True and calls == ["high"]
+
+
+def test_eval_driver_keeps_its_copy_on_the_cpu_when_ray_workers_search(monkeypatch, tmp_path):
+    """With workers > 0 the driver loads the run only to check it and sample users: its model and index stay on the
+    CPU whatever ``device`` / ``index_device`` say (the workers get those); with workers = 0 the driver searches."""
+    import pytest
+
+    import cobra_scale.retrieve.build as build
+    from cobra_scale.eval import run_eval
+    from cobra_scale.train.configs import EvalConfig
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(run, index=None, device="auto", index_device="follow"):
+        seen.append((device, index_device))
+        raise Stop
+
+    monkeypatch.setattr(build, "load_recommender", fake_load)
+    for workers in (2, 0):
+        with pytest.raises(Stop):
+            run_eval.run(EvalConfig(run=str(tmp_path), device="cuda", index_device="cuda", workers=workers))
+    assert seen == [("cpu", "cpu"), ("cuda", "cuda")]

@@ -52,7 +52,10 @@ def run(cfg: EvalConfig) -> dict:
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ConfigError(f"unknown mode(s) {bad}")
-    rec, catalogue, tcfg, device = load_recommender(cfg.run, cfg.index, cfg.device, cfg.index_device)
+    # with Ray workers the driver only checks the run, samples users and draws the plots: the workers search, each on
+    # cfg.device, so the driver's copy of the model and the index stays on the CPU (not a second copy on the GPU)
+    driver_device, driver_index_device = ("cpu", "cpu") if cfg.workers > 0 else (cfg.device, cfg.index_device)
+    rec, catalogue, tcfg, device = load_recommender(cfg.run, cfg.index, driver_device, driver_index_device)
     if cfg.diversity_ids:
         rec.diversity_sids = diversity_sids(cfg.diversity_ids, catalogue.item_ids)
     if "sparse_only" in modes and rec.sid_to_item is None:
