@@ -68,6 +68,9 @@ def main(argv=None) -> dict:
     p.add_argument("--per-id-k", type=int, default=0, help="candidates per ID (0 = all items of the ID)")
     p.add_argument("--exact-k", type=int, default=100, help="k of the exact search over all items")
     p.add_argument("--pq", type=int, default=0, help="also build IVF-PQ with this many sub-quantisers (8-bit)")
+    p.add_argument("--full-scan", type=int, default=0, metavar="Q",
+                   help="also time IdIvfIndex.search (every item, as w/o ID and the ID-free vector ask) for Q queries at --exact-k: "
+                        "the matrix-product path against scanning every list")
     p.add_argument("--check", type=int, default=200, help="beams checked against brute force")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="faiss/torch threads (0 = default)")
@@ -131,6 +134,30 @@ def main(argv=None) -> dict:
     result["exact_all_beams_per_s"] = round(n_beams / secs, 1)
     result["speedup_vs_exact_all"] = round(result["exact_all_s"] / result["ivf_s"], 1)
     say(f"exact over all items (faiss Flat, k={args.exact_k}): {secs:.3f}s = {n_beams / secs:,.0f} beams/s -> ivf is {result['speedup_vs_exact_all']}x faster")
+
+    if args.full_scan:
+        from cobra_scale.retrieve.faiss_index import _merge, _search_preassigned
+
+        fq = qt[: args.full_scan]
+        index.search(fq[:1], 1)  # builds the shards' copies of their vectors (once per index)
+        secs, (f_items, f_scores) = timed(lambda: index.search(fq, args.exact_k), args.repeats)
+        n_lists = len(index.list_sids)
+        lists = np.ascontiguousarray(np.broadcast_to(np.arange(n_lists, dtype=np.int64), (len(fq), n_lists)))
+
+        def scan_lists():
+            parts = []
+            for shard in index.shards:
+                shard.index.nprobe = n_lists
+                parts.append(_search_preassigned(shard.index, qn[: args.full_scan].astype(np.float32), args.exact_k, lists))
+            return _merge(parts, args.exact_k)
+
+        l_secs, (l_items, l_scores) = timed(scan_lists, max(1, args.repeats - 1))
+        overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / args.exact_k for a, b in zip(f_items.numpy(), l_items)])
+        result["full_scan"] = {"queries": len(fq), "k": args.exact_k, "matrix_product_s": round(secs, 4), "list_scan_s": round(l_secs, 4),
+                               "speedup": round(l_secs / secs, 2), "top_k_overlap": round(float(overlap), 6),
+                               "max_score_diff": float(np.abs(f_scores.numpy() - l_scores).max())}
+        say(f"search over all items, {len(fq)} queries, k={args.exact_k}: matrix products {secs:.3f}s, scanning every list {l_secs:.3f}s "
+            f"({l_secs / secs:.2f}x); same top-k {overlap:.4f}")
 
     gather_bytes = n_beams * index.max_bucket * args.dim * 4
     if gather_bytes < 2 << 30:

@@ -83,9 +83,30 @@ class Shard:
     end: int  # exclusive; the last shard's end grows when items are added
     info: dict = field(default_factory=dict)  # how it was built (written as JSON)
     search_index: object = None  # GPU copy used for search, or None (search the master)
+    scan: tuple | None = None  # flat kind on the CPU: (the shard's vectors (n, d) tensor, their item numbers), built on first use
 
     def searcher(self):
         return self.search_index if self.search_index is not None else self.index
+
+    def full_scan(self, xq: np.ndarray, k: int, n_lists: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores (Q, k), items (Q, k))`` of every item of the shard, faiss' padding (-FLT_MAX / -1).
+
+        A flat shard searched on the CPU scores its items by matrix products (torch's BLAS, blocks of items) over a
+        copy of its vectors gathered from the inverted lists once: the same inner products as scanning every list,
+        ~3x faster for a batch of 64 queries at 1M items on one core, at the cost of a second copy of the vectors
+        (N x d float32). PQ shards and GPU copies scan their lists (``search_preassigned`` over all of them).
+        """
+        if len(xq) == 0:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        faiss = _faiss()
+        if self.search_index is None and isinstance(self.index, faiss.IndexIVFFlat):
+            if self.scan is None:
+                self.scan = _flat_copy(faiss, self.index)
+            return _scan_topk(*self.scan, xq, k)
+        index = self.searcher()
+        index.nprobe = n_lists
+        lists = np.broadcast_to(np.arange(n_lists, dtype=np.int64), (len(xq), n_lists))
+        return _search_preassigned(index, xq, min(k, max(self.index.ntotal, 1)), lists)
 
 
 class IdIvfIndex:
@@ -232,6 +253,7 @@ class IdIvfIndex:
             if k == len(self.shards) - 1:
                 shard.end = max(shard.end, int(ids[pick].max()) + 1)
             shard.search_index = None
+            shard.scan = None
         np.add.at(self._list_sizes, lists, 1)
         if self.device != "cpu":
             self.to_device(self.device)
@@ -316,17 +338,10 @@ class IdIvfIndex:
         extra = int((exclude >= 0).sum(1).max()) if exclude is not None and exclude.numel() else 0
         kk = k + extra
         rows = max(1, _SEARCH_CELLS // max(n_lists, 1))
-        all_lists = np.arange(n_lists, dtype=np.int64)
         out_items, out_scores = [], []
         for lo in range(0, len(xq), rows):
             chunk = xq[lo : lo + rows]
-            lists = np.broadcast_to(all_lists, (len(chunk), n_lists))
-            parts = []
-            for shard in self.shards:
-                index = shard.searcher()
-                index.nprobe = n_lists
-                parts.append(_search_preassigned(index, chunk, min(kk, max(shard.index.ntotal, 1)), np.ascontiguousarray(lists)))
-            items, scores = _merge(parts, kk)
+            items, scores = _merge([shard.full_scan(chunk, kk, n_lists) for shard in self.shards], kk)
             if extra:
                 ex = exclude[lo : lo + rows].detach().cpu().numpy()
                 hit = ((items[:, :, None] == ex[:, None, :]) & (ex[:, None, :] >= 0)).any(-1)
@@ -522,6 +537,42 @@ def _add_chunked(index, x: np.ndarray, lists: np.ndarray, ids: np.ndarray, progr
     starts = range(0, len(x), chunk)
     for lo in tqdm(starts, desc="index add", unit="chunk", disable=not progress or len(starts) < 2, leave=False):
         add_preassigned(index, np.ascontiguousarray(x[lo : lo + chunk]), np.ascontiguousarray(lists[lo : lo + chunk]), np.ascontiguousarray(ids[lo : lo + chunk]))
+
+
+def _flat_copy(faiss, index) -> tuple[torch.Tensor, np.ndarray]:
+    """``(vectors (n, d) float32, item numbers (n,))``: every vector of a flat IVF index, list by list."""
+    inv, d = index.invlists, index.d
+    vectors, ids = [], []
+    for l in range(index.nlist):
+        size = inv.list_size(l)
+        if size:
+            vectors.append(faiss.rev_swig_ptr(inv.get_codes(l), size * index.code_size).view(np.float32).reshape(size, d).copy())
+            ids.append(faiss.rev_swig_ptr(inv.get_ids(l), size).copy())
+    if not vectors:
+        return torch.zeros(0, d), np.zeros(0, np.int64)
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate(vectors))), np.concatenate(ids).astype(np.int64)
+
+
+def _scan_topk(vectors: torch.Tensor, ids: np.ndarray, xq: np.ndarray, k: int, block: int = 1 << 17) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores (Q, k'), items (Q, k'))`` best first, k' = min(k, n): the top ``k`` inner products of ``xq`` with
+    ``vectors``, a block of items at a time (each block's top k, then the top k of those), so the score matrix held at
+    once is Q x ``block``."""
+    n = vectors.shape[0]
+    k = min(int(k), n)
+    if k == 0:
+        return np.zeros((len(xq), 0), np.float32), np.zeros((len(xq), 0), np.int64)
+    q = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32))
+    top_scores, top_rows = [], []
+    for lo in range(0, n, block):
+        scores = q @ vectors[lo : lo + block].T
+        s, r = scores.topk(min(k, scores.shape[1]), dim=1)
+        top_scores.append(s)
+        top_rows.append(r + lo)
+    scores, rows = torch.cat(top_scores, 1), torch.cat(top_rows, 1)
+    if scores.shape[1] > k:
+        scores, pos = scores.topk(k, dim=1)
+        rows = rows.gather(1, pos)
+    return scores.numpy(), ids[rows.numpy()]
 
 
 def _search_preassigned(index, xq: np.ndarray, k: int, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -257,9 +257,10 @@ def mix(cand: torch.Tensor, fused: torch.Tensor, prior_items: torch.Tensor, prio
     p_of_cand = torch.where(hit, p_sorted.gather(1, at), torch.zeros_like(fused))
     ok = torch.isfinite(fused) & (cand >= 0)
     cobra = torch.where(ok, (1 - weight) * fused.clamp(min=0) + weight * p_of_cand, torch.full_like(fused, float("-inf")))
-    c_sorted, _ = cand.masked_fill(~ok, big).sort(dim=1)
-    at = torch.searchsorted(c_sorted, prior_items.clamp(min=0)).clamp(max=c_sorted.shape[1] - 1)
-    in_cobra = (c_sorted.gather(1, at) == prior_items) & (prior_items >= 0)
+    # a prior item is in the list when a scored candidate found it above (marked at its sorted position, then put
+    # back in the prior's order): no sort of the candidates, which outnumber the prior's items (M x C against P)
+    found = torch.zeros_like(p_sorted_items).scatter_add_(1, at, (hit & ok).long()) > 0
+    in_cobra = torch.zeros_like(found).scatter_(1, order, found)
     only = (prior_items >= 0) & ~in_cobra
     prior = torch.where(only, weight * prior_p, torch.full_like(prior_p, float("-inf")))
     return torch.cat([cand.masked_fill(~ok, -1), prior_items.masked_fill(~only, -1)], 1), torch.cat([cobra, prior], 1)

@@ -68,6 +68,42 @@ def test_search_all_items_with_exclusion_equals_exact(shards):
     assert not (ivf.search(queries, 20, exclude)[0] == exclude[:, :1]).any()
 
 
+@pytest.mark.parametrize("shards", [1, 3])
+def test_full_scan_by_matrix_product_equals_scanning_every_list(shards):
+    """A flat shard on the CPU answers ``search`` from a copy of its vectors (one BLAS product; faiss takes that path
+    from 20 queries on): the same items and cosines as ``search_preassigned`` over every list, and as exact search."""
+    import numpy as np
+
+    from cobra_scale.retrieve.faiss_index import _search_preassigned
+
+    vectors, sids = catalogue()
+    ivf = IdIvfIndex.build(vectors, sids, shards=shards)
+    queries = torch.randn(64, vectors.shape[1], generator=torch.Generator().manual_seed(3))
+    got = ivf.search(queries, 50)
+    assert all(sh.scan is not None for sh in ivf.shards)  # built on first use
+    xq = torch.nn.functional.normalize(queries).numpy()
+    n_lists = len(ivf.list_sids)
+    for shard in ivf.shards:
+        shard.index.nprobe = n_lists
+        lists = np.broadcast_to(np.arange(n_lists, dtype=np.int64), (len(xq), n_lists))
+        want_scores, want_items = _search_preassigned(shard.index, xq, 50, lists)
+        scores, items = shard.full_scan(xq, 50, n_lists)
+        np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+        assert_same_rows((torch.from_numpy(items), torch.from_numpy(scores)), (torch.from_numpy(want_items), torch.from_numpy(want_scores)))
+    assert_same_rows(got, ExactIdIndex(vectors, sids).search(queries, 50))
+
+
+def test_full_scan_sees_items_added_after_it_was_built():
+    vectors, sids = catalogue(n=300, n_ids=10)
+    ivf = IdIvfIndex.build(vectors, sids, shards=2)
+    ivf.search(torch.randn(30, vectors.shape[1]), 5)  # builds each shard's scan copy
+    new = torch.randn(25, vectors.shape[1], generator=torch.Generator().manual_seed(4)) * 10
+    added = ivf.add(new, torch.cat([sids[:5], torch.arange(20) + 10_000]))
+    items, cos = ivf.search(new, 1)
+    assert items[:, 0].tolist() == added.tolist()  # each new item is its own nearest, found by the full scan
+    torch.testing.assert_close(cos[:, 0], torch.ones(len(added)), atol=1e-5, rtol=0)
+
+
 def test_shard_merge_equals_unsharded():
     vectors, sids = catalogue(n=600)
     one = IdIvfIndex.build(vectors, sids, shards=1)

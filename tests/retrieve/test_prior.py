@@ -58,6 +58,29 @@ def test_mix_by_hand():
     assert s0[0, :2].tolist() == pytest.approx([0.6, 0.4])
 
 
+def test_mix_equals_a_dict_reference_on_random_lists():
+    """Random candidate and prior lists (overlapping, padded, some candidates unscored) against the definition."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        b, c, p_n = 3, int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(1, 12, (1,), generator=g))
+        cand = torch.stack([torch.randperm(60, generator=g)[:c] for _ in range(b)])
+        fused = torch.rand(b, c, generator=g)
+        cand[torch.rand(b, c, generator=g) < 0.2] = -1
+        fused[torch.rand(b, c, generator=g) < 0.2] = float("-inf")
+        p_items = torch.stack([torch.randperm(60, generator=g)[:p_n] for _ in range(b)])
+        p_items[torch.rand(b, p_n, generator=g) < 0.2] = -1
+        p = torch.rand(b, p_n, generator=g)
+        items, scores = mix(cand, fused, p_items, p, 0.3)
+        for row in range(b):
+            prior = {int(i): float(q) for i, q in zip(p_items[row], p[row]) if i >= 0}
+            scored = {int(i): float(f) for i, f in zip(cand[row], fused[row]) if i >= 0 and f > float("-inf")}
+            want = {i: 0.7 * max(f, 0.0) + 0.3 * prior.get(i, 0.0) for i, f in scored.items()}
+            want.update({i: 0.3 * q for i, q in prior.items() if i not in scored})
+            got = [(int(i), float(s)) for i, s in zip(items[row], scores[row]) if i >= 0]
+            assert len(got) == len({i for i, _ in got})  # each item once
+            assert dict(got) == pytest.approx(want)
+
+
 def test_recommender_with_prior_weight_zero_is_cobra_and_one_follows_the_prior():
     model = tiny_model()
     tokens, mask, codes = catalogue()
