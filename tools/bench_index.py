@@ -136,22 +136,14 @@ def main(argv=None) -> dict:
     say(f"exact over all items (faiss Flat, k={args.exact_k}): {secs:.3f}s = {n_beams / secs:,.0f} beams/s -> ivf is {result['speedup_vs_exact_all']}x faster")
 
     if args.full_scan:
-        from cobra_scale.retrieve.faiss_index import _merge, _search_preassigned
+        from cobra_scale.retrieve.faiss_index import _merge
 
         fq = qt[: args.full_scan]
         index.search(fq[:1], 1)  # builds the shards' copies of their vectors (once per index)
         secs, (f_items, f_scores) = timed(lambda: index.search(fq, args.exact_k), args.repeats)
-        n_lists = len(index.list_sids)
-        lists = np.ascontiguousarray(np.broadcast_to(np.arange(n_lists, dtype=np.int64), (len(fq), n_lists)))
-
-        def scan_lists():
-            parts = []
-            for shard in index.shards:
-                shard.index.nprobe = n_lists
-                parts.append(_search_preassigned(shard.index, qn[: args.full_scan].astype(np.float32), args.exact_k, lists))
-            return _merge(parts, args.exact_k)
-
-        l_secs, (l_items, l_scores) = timed(scan_lists, max(1, args.repeats - 1))
+        n_lists, xq = len(index.list_sids), qn[: args.full_scan].astype(np.float32)
+        l_secs, (l_items, l_scores) = timed(lambda: _merge([sh.scan_lists(xq, args.exact_k, n_lists) for sh in index.shards], args.exact_k),
+                                            max(1, args.repeats - 1))
         overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / args.exact_k for a, b in zip(f_items.numpy(), l_items)])
         result["full_scan"] = {"queries": len(fq), "k": args.exact_k, "matrix_product_s": round(secs, 4), "list_scan_s": round(l_secs, 4),
                                "speedup": round(l_secs / secs, 2), "top_k_overlap": round(float(overlap), 6),

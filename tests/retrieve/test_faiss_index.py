@@ -70,11 +70,9 @@ def test_search_all_items_with_exclusion_equals_exact(shards):
 
 @pytest.mark.parametrize("shards", [1, 3])
 def test_full_scan_by_matrix_product_equals_scanning_every_list(shards):
-    """A flat shard on the CPU answers ``search`` from a copy of its vectors (one BLAS product; faiss takes that path
-    from 20 queries on): the same items and cosines as ``search_preassigned`` over every list, and as exact search."""
+    """A flat shard on the CPU answers ``search`` from a copy of its vectors (matrix products): the same items and
+    cosines as ``search_preassigned`` over every list, and as exact search."""
     import numpy as np
-
-    from cobra_scale.retrieve.faiss_index import _search_preassigned
 
     vectors, sids = catalogue()
     ivf = IdIvfIndex.build(vectors, sids, shards=shards)
@@ -84,9 +82,7 @@ def test_full_scan_by_matrix_product_equals_scanning_every_list(shards):
     xq = torch.nn.functional.normalize(queries).numpy()
     n_lists = len(ivf.list_sids)
     for shard in ivf.shards:
-        shard.index.nprobe = n_lists
-        lists = np.broadcast_to(np.arange(n_lists, dtype=np.int64), (len(xq), n_lists))
-        want_scores, want_items = _search_preassigned(shard.index, xq, 50, lists)
+        want_scores, want_items = shard.scan_lists(xq, 50, n_lists)
         scores, items = shard.full_scan(xq, 50, n_lists)
         np.testing.assert_allclose(scores, want_scores, atol=1e-5)
         assert_same_rows((torch.from_numpy(items), torch.from_numpy(scores)), (torch.from_numpy(want_items), torch.from_numpy(want_scores)))
